@@ -1,0 +1,1 @@
+"""The browser demo, served by the server at `/` (package data only)."""

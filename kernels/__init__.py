@@ -1,0 +1,1 @@
+"""Fused GPU kernels beside their plain-torch references (imported as `voicepipe.kernels`)."""

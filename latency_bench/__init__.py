@@ -1,0 +1,1 @@
+"""The latency benchmark command line, `voicepipe-bench` (imported as `voicepipe.bench`)."""

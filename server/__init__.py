@@ -1,0 +1,1 @@
+"""The WebSocket/HTTP server and the `voicepipe` command line (imported as `voicepipe.server`)."""

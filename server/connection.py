@@ -1,0 +1,310 @@
+"""One WebSocket connection: the asyncio adapter around a Sans-I/O `Session`.
+
+It decodes client messages, runs the VAD on incoming audio, carries out the session's actions
+(sending events, running transcriptions and responses on worker threads) and feeds results
+back. Model calls never run on the event loop. Changes to the LLM's conversation and the
+generation itself run one after another on the session's conversation lane, so a truncation
+requested during a reply applies to that reply once it has stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import numpy as np
+
+from voicepipe import audio as au
+from voicepipe import protocol as p
+from voicepipe import session as s
+from voicepipe.phrases import PhraseChunker
+from voicepipe.stages.base import SamplingParams, Stages
+from voicepipe.turns import RATE
+
+log = logging.getLogger("voicepipe.session")
+T = TypeVar("T")
+
+
+class Connection:
+    def __init__(self, ws: Any, stages: Stages, *, executor: Executor, dialect: p.Dialect,
+                 max_message_bytes: int, max_buffer_s: float, partial_interval_ms: int,
+                 max_response_tokens: int) -> None:
+        self.ws = ws
+        self.stages = stages
+        self.executor = executor
+        self.max_message_bytes = max_message_bytes
+        self.session = s.Session(dialect=dialect, max_buffer_s=max_buffer_s,
+                                 partial_interval_ms=partial_interval_ms,
+                                 max_response_tokens=max_response_tokens)
+        self.conversation = stages.llm.new_conversation(self.session.config.instructions)
+        self.vad = stages.vad.new_stream()
+        self._frame = stages.vad.frame_samples
+        self._pending = np.zeros(0, np.float32)
+        self._resampler = au.Resampler(self.session.config.input_format.rate, RATE)
+        self._outbox: asyncio.Queue[tuple[str | bytes, str | None]] = asyncio.Queue()
+        self._lane: asyncio.Queue[tuple[Callable[[], Any], asyncio.Future[Any]]] = (
+            asyncio.Queue())
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._cancels: dict[str, threading.Event] = {}
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+
+    # ---- main loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._writer())
+        lane = asyncio.create_task(self._lane_worker())
+        self.session.start()
+        self._process()
+        try:
+            async for message in self.ws:
+                await self._receive(message)
+        except Exception as exc:  # a dead socket ends the session quietly
+            if not _is_closed_error(exc):
+                raise
+        finally:
+            self.closed = True
+            for ev in self._cancels.values():
+                ev.set()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            writer.cancel()
+            await self._run_in_lane(self.conversation.close)
+            lane.cancel()
+            await asyncio.gather(writer, lane, return_exceptions=True)
+
+    async def _receive(self, message: str | bytes) -> None:
+        now = time.time()
+        if isinstance(message, bytes) and not self.session.config.voicepipe.binary_audio:
+            self._send_error("unsupported", "binary frames are not enabled; send "
+                             "input_audio_buffer.append, or enable session.voicepipe.binary_audio")
+            return
+        if len(message) > self.max_message_bytes:
+            self._send_error("message_too_large", f"message of {len(message)} bytes exceeds "
+                             f"the limit of {self.max_message_bytes} bytes")
+            return
+        if isinstance(message, bytes):
+            await self._audio(message, None, now)
+            return
+        try:
+            event = p.parse_client_event(message, max_bytes=self.max_message_bytes)
+        except p.ProtocolError as exc:
+            self._outbox.put_nowait((json.dumps(exc.to_event()), None))
+            return
+        if isinstance(event, p.InputAudioBufferAppend):
+            await self._audio(event.audio, event.event_id, now)
+        self.session.receive(event, now)
+        self._process()
+
+    async def _audio(self, raw: bytes, event_id: str | None, arrival: float) -> None:
+        fmt = self.session.config.input_format
+        try:
+            samples = au.decode_input(raw, fmt.encoding, fmt.rate)
+        except ValueError as exc:
+            self._send_error("invalid_audio", f"{exc} (session input format: {fmt.encoding} "
+                             f"at {fmt.rate} Hz)", event_id)
+            return
+        x = self._resampler.process(samples) if fmt.rate != RATE else samples
+        x = np.concatenate([self._pending, x]) if len(self._pending) else x
+        n = len(x) // self._frame * self._frame
+        self._pending = x[n:]
+        if n == 0:
+            return
+        frames = x[:n].reshape(-1, self._frame)
+        probs: list[float | None]
+        if self.session.vad_enabled:
+            probs = list(await self._loop.run_in_executor(
+                self.executor, lambda: [self.vad.process(f) for f in frames]))
+        else:
+            probs = [None] * len(frames)
+        now = time.time()
+        for frame, prob in zip(frames, probs, strict=True):
+            self.session.audio(frame, prob, arrival, now)
+        self._process()
+
+    # ---- actions -----------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        for action in self.session.actions():
+            if isinstance(action, s.SendEvent):
+                ev = action.event
+                audio_of = ev.get("response_id") if ev["type"].endswith("audio.delta") else None
+                self._outbox.put_nowait((json.dumps(ev), audio_of))
+            elif isinstance(action, s.SendAudio):
+                self._outbox.put_nowait((action.data, action.response_id))
+            elif isinstance(action, s.Transcribe):
+                self._spawn(self._transcribe(action))
+            elif isinstance(action, s.StartResponse):
+                self._cancels[action.response_id] = threading.Event()
+                self._spawn(self._respond(action))
+            elif isinstance(action, s.CancelResponse):
+                if action.response_id in self._cancels:
+                    self._cancels[action.response_id].set()
+            elif isinstance(action, s.AddMessage):
+                self._lane_nowait(lambda a=action, c=self.conversation: c.add_message(a.role, a.text))
+            elif isinstance(action, s.TruncateMessage):
+                self._lane_nowait(lambda a=action, c=self.conversation: c.truncate_last_assistant(a.kept_text))
+            elif isinstance(action, s.DeleteMessage):
+                self._lane_nowait(lambda a=action, c=self.conversation: c.delete_message(a.index))
+            elif isinstance(action, s.SetInstructions):
+                self._lane_nowait(lambda a=action, c=self.conversation: c.set_instructions(a.text))
+            elif isinstance(action, s.SessionChanged):
+                rate = self.session.config.input_format.rate
+                self._resampler = au.Resampler(rate, RATE)
+                self._pending = np.zeros(0, np.float32)
+                self.vad.reset()
+            elif isinstance(action, s.TurnFinished):
+                log.info("turn %s %s %s", action.response_id, action.status,
+                         action.timings.log_line())
+
+    def _send_error(self, code: str, message: str, event_id: str | None = None) -> None:
+        err = p.ProtocolError(code, message, event_id=event_id)
+        self._outbox.put_nowait((json.dumps(err.to_event()), None))
+
+    async def _writer(self) -> None:
+        while True:
+            data, audio_of = await self._outbox.get()
+            await self.ws.send(data)
+            if audio_of is not None:
+                self.session.audio_sent(audio_of, time.time())
+                self._process()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s: task failed", self.session.id, exc_info=task.exception())
+
+    # ---- the conversation lane ---------------------------------------------------------------
+
+    def _lane_nowait(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._lane.put_nowait((fn, fut))
+        return fut
+
+    async def _run_in_lane(self, fn: Callable[[], T]) -> T:
+        return await self._lane_nowait(fn)
+
+    async def _lane_worker(self) -> None:
+        while True:
+            fn, fut = await self._lane.get()
+            try:
+                result = await self._loop.run_in_executor(self.executor, fn)
+            except Exception as exc:  # reported to whoever waits on it
+                if not fut.done():
+                    fut.set_exception(exc)
+                else:
+                    log.exception("session %s: conversation update failed", self.session.id)
+                continue
+            if not fut.done():
+                fut.set_result(result)
+
+    # ---- stage work --------------------------------------------------------------------------
+
+    async def _transcribe(self, a: s.Transcribe) -> None:
+        try:
+            result = await self._loop.run_in_executor(
+                self.executor, lambda: self.stages.asr.transcribe(a.audio, final=a.final))
+            text = result.text
+        except Exception as exc:
+            log.exception("session %s: transcription failed", self.session.id)
+            self._send_error("stage_failed", f"transcription failed: {exc}")
+            text = ""
+        self.session.transcript(a.item_id, text, final=a.final, key=a.key, now=time.time())
+        self._process()
+
+    async def _respond(self, a: s.StartResponse) -> None:
+        cancel = self._cancels[a.response_id]
+        deltas: asyncio.Queue[str | None] = asyncio.Queue()
+        conv = self.conversation
+        params = SamplingParams(max_tokens=a.max_tokens or 256,
+                                temperature=self.session.config.temperature)
+        loop = self._loop
+
+        def generate() -> None:
+            try:
+                for delta in conv.generate(params, cancel):
+                    loop.call_soon_threadsafe(deltas.put_nowait, delta)
+            finally:
+                loop.call_soon_threadsafe(deltas.put_nowait, None)
+
+        generation = self._lane_nowait(generate)
+        chunker = PhraseChunker()
+        error: str | None = None
+        # The chunker trims whitespace; the transcript sent must stay a prefix of the text the
+        # LLM holds (a barge-in cuts both at the same place), so phrases are mapped back onto
+        # the raw reply text.
+        reply, consumed = "", 0
+
+        def raw(phrase: str) -> str:
+            nonlocal consumed
+            i = reply.find(phrase, consumed)
+            if i < 0:
+                return phrase
+            piece, consumed = reply[consumed:i + len(phrase)], i + len(phrase)
+            return piece
+
+        try:
+            while (delta := await deltas.get()) is not None:
+                if not reply:
+                    self.session.token(a.response_id, time.time())
+                reply += delta
+                for phrase in chunker.push(delta):
+                    await self._speak(a, phrase, raw(phrase), cancel)
+            await generation  # raises if the LLM failed
+            if not cancel.is_set():
+                for phrase in chunker.flush():
+                    await self._speak(a, phrase, raw(phrase), cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        except Exception as exc:
+            log.exception("session %s: response %s failed", self.session.id, a.response_id)
+            error = f"{type(exc).__name__}: {exc}"
+        stats = conv.stats
+        self._cancels.pop(a.response_id, None)
+        self.session.response_finished(
+            a.response_id, prefill_tokens=stats.prefill_tokens,
+            cached_tokens=stats.cached_tokens, generated_tokens=stats.generated_tokens,
+            error=error, now=time.time())
+        self._process()
+
+    async def _speak(self, a: s.StartResponse, text: str, transcript: str,
+                     cancel: threading.Event) -> None:
+        """Synthesize one phrase; `transcript` is its exact slice of the reply text."""
+        if cancel.is_set():
+            return
+        phrase = transcript
+        if not a.audio or not text:
+            self.session.phrase(a.response_id, phrase, None, 0.0, time.time())
+            self._process()
+            return
+        fmt = self.session.config.output_format
+        tts = self.stages.tts
+
+        def synthesize() -> tuple[bytes, float]:
+            wave = tts.synthesize(text)
+            if tts.sample_rate != fmt.rate:
+                wave = au.resample(wave, tts.sample_rate, fmt.rate)
+            return au.encode_output(wave, fmt.encoding), len(wave) * 1000.0 / fmt.rate
+
+        data, ms = await self._loop.run_in_executor(self.executor, synthesize)
+        self.session.phrase(a.response_id, phrase, data, ms, time.time())
+        self._process()
+
+
+def _is_closed_error(exc: BaseException) -> bool:
+    from websockets.exceptions import ConnectionClosed
+
+    return isinstance(exc, ConnectionClosed)

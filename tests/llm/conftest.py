@@ -1,0 +1,29 @@
+"""Fixtures of the LLM tests: the real SmolLM2-135M GGUF and an engine on it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from voicepipe.models import ModelError, resolve
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    try:
+        return resolve("smollm2-135m-instruct-q4_1")
+    except ModelError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm_engine(smollm_path: Path) -> Iterator[object]:
+    from voicepipe.llm.engine import Engine
+
+    torch.set_num_threads(2)
+    yield Engine.load(str(smollm_path))
+
+

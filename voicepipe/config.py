@@ -1,0 +1,141 @@
+"""The server's one configuration object: defaults, a TOML file, environment, command line.
+
+Every option is a field of `ServerConfig` with its help text; `voicepipe serve --help` and the
+README's option table are generated from these fields. Later sources override earlier ones:
+defaults < `--config FILE` (TOML) < `VOICEPIPE_<NAME>` environment variables < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from voicepipe import models
+
+
+class ConfigError(ValueError):
+    """An option has a bad value; the message names the option and its source."""
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 for all interfaces).")
+    port: int = _opt(8765, "TCP port for HTTP and WebSocket (0 picks a free one).")
+    api_keys: tuple[str, ...] = _opt(
+        (), "API keys accepted from 'Authorization: Bearer' or the browser subprotocol "
+        "'openai-insecure-api-key.<key>'; empty means no authentication. Comma-separated in "
+        "the environment and on the command line."
+    )
+    device: str = _opt("auto", "Where models run: 'auto' (CUDA when present), 'cpu' or 'cuda'.")
+    vad_model: str = _opt(models.DEFAULT_VAD, "Voice activity model (path or offline name).")
+    asr_model: str = _opt(models.DEFAULT_ASR, "faster-whisper model (path, offline name or hub id).")
+    asr_compute_type: str = _opt(
+        "auto", "CTranslate2 compute type for ASR: auto (int8 on CPU, float16 on CUDA), int8, "
+        "float16, float32."
+    )
+    llm_model: str = _opt(models.DEFAULT_LLM, "LLM: a GGUF file, a Hugging Face folder, an "
+                          "offline name or a hub id.")
+    llm_dtype: str = _opt("auto", "LLM weights dtype: auto (float32 on CPU, bfloat16 on CUDA), "
+                          "float32, bfloat16, float16.")
+    tts_model: str = _opt(models.DEFAULT_TTS, "Piper voice (.onnx with its .onnx.json beside it, "
+                          "or offline name).")
+    threads: int = _opt(0, "CPU threads for model inference (0: all cores).")
+    max_sessions: int = _opt(32, "Concurrent WebSocket sessions; more are refused with HTTP 503.")
+    max_message_bytes: int = _opt(1 << 20, "Largest client WebSocket message accepted, in bytes.")
+    max_input_buffer_s: float = _opt(
+        120.0, "Most input audio held uncommitted (seconds); beyond it the session gets an error "
+        "and the buffer is cleared."
+    )
+    max_response_tokens: int = _opt(256, "Upper bound on tokens in one reply.")
+    partial_interval_ms: int = _opt(
+        600, "How often partial transcripts are made while the user speaks (0 turns them off)."
+    )
+    web_root: str = _opt("", "Folder served at / (the browser demo); empty: the bundled demo.")
+    log_level: str = _opt("info", "Logging level: debug, info, warning, error.")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: {self.port} is not a TCP port")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device: {self.device!r} is not auto, cpu or cuda[:N]")
+        for name in ("max_sessions", "max_message_bytes", "max_response_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
+        if self.max_input_buffer_s <= 0:
+            raise ConfigError("max_input_buffer_s: must be positive")
+        if self.threads < 0 or self.partial_interval_ms < 0:
+            raise ConfigError("threads and partial_interval_ms must not be negative")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level: {self.log_level!r} is not debug/info/warning/error")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        try:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            return "cpu"
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    f = FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else str(f.type)
+    try:
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} (from {source}): {value!r} is not a valid {kind}") from None
+
+
+def load(
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> ServerConfig:
+    """Build the config from the TOML file, the environment and explicit overrides."""
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        data = data.get("server", data)
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in FIELDS:
+                raise ConfigError(f"config file {path}: unknown option {key!r}")
+            values[name] = _coerce(name, value, str(path))
+    env = os.environ if environ is None else environ
+    for name in FIELDS:
+        key = "VOICEPIPE_" + name.upper()
+        if key in env:
+            values[name] = _coerce(name, env[key], key)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
+    return ServerConfig(**values)
