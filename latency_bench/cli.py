@@ -93,6 +93,8 @@ async def run_turns(url: str, api_key: str | None, turns: int, speed: float,
                 "llm": result.timings.get("llm", {}),
             }
             out.append(row)
+            # listen to the reply before the next question: talking over it is a barge-in
+            await asyncio.sleep(len(result.reply_audio) / result.sample_rate)
             v2v = row["client_voice_to_voice_ms"]
             print(f"turn {i + 1:>2}: v2v {v2v if v2v is None else round(v2v):>6} ms  "
                   f"{question!r} -> {result.reply_text[:60]!r}", file=sys.stderr)

@@ -22,6 +22,7 @@ import copy
 import enum
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -766,7 +767,7 @@ def _parse_response_cancel(ev: dict[str, Any], eid: str | None) -> ResponseCance
     return ResponseCancel(eid, _opt_str(ev.get("response_id"), "response_id") or None)
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[dict[str, Any], str | None], ClientEvent]] = {
     "session.update": _parse_session_update,
     "input_audio_buffer.append": _parse_append,
     "input_audio_buffer.commit": lambda ev, eid: InputAudioBufferCommit(eid),
@@ -820,7 +821,7 @@ def parse_client_event(
             raise ProtocolError("unsupported", f"{kind} is not supported", event_id=eid, param="type")
         raise ProtocolError("unknown_event", f"unknown event type {kind!r}", event_id=eid, param="type")
     try:
-        return parser(ev, eid)  # type: ignore[no-any-return]
+        return parser(ev, eid)
     except ProtocolError as e:
         e.event_id = eid
         raise

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import pytest_asyncio
 from websockets.asyncio.server import ServerConnection, serve
 
 try:
@@ -153,6 +154,7 @@ class FakeServer:
         self.binary_frames = 0
         self.client_events: list[dict[str, Any]] = []
         self.reply = (tone(0.3, 24000, 300) * 32767).astype(np.int16)
+        self.speech_end = self.first_audio_sent = 0.0  # perf_counter() of the last reply
 
     async def send(self, ws: ServerConnection, event: dict[str, Any]) -> None:
         await ws.send(json.dumps({"event_id": "event_srv", **event}))
@@ -206,6 +208,7 @@ class FakeServer:
         await self.send(ws, {"type": "response.created", "response": {"id": "resp_1"}})
         await asyncio.sleep(max(0.0, speech_end + self.reply_delay - time.perf_counter()))
         binary = self.session["voicepipe"]["binary_audio"]
+        self.speech_end, self.first_audio_sent = speech_end, time.perf_counter()
         for k, part in enumerate(np.array_split(self.reply, 3)):
             if binary:
                 await ws.send(part.astype("<i2").tobytes())
@@ -225,7 +228,7 @@ class FakeServer:
                              "response": {"id": "resp_1", "status": "completed"}})
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def server() -> Any:
     fake = FakeServer()
     async with serve(fake.handler, "127.0.0.1", 0) as srv:
@@ -356,8 +359,12 @@ async def test_talk_collects_the_turn_and_measures_voice_to_voice(
     assert turn.timings["derived_ms"]["voice_to_voice"] == 300.0
     assert turn.timings["llm"]["cached_tokens"] == 100 and "speech_end" in turn.timings["marks"]
     assert turn.events[-1].type in ("response.done", "voicepipe.latency")
-    # Measured from the last loud frame sent, not from the end of the trailing silence.
-    assert turn.client_voice_to_voice == pytest.approx(0.45, abs=0.01)
+    # Measured from the last loud frame sent, not from the end of the trailing silence: it
+    # matches the server's own view (last loud frame in -> first audio out) within a few ms.
+    # The server aims at 0.45 s; a loaded test machine may only make it later.
+    server_v2v = server.first_audio_sent - server.speech_end
+    assert turn.client_voice_to_voice == pytest.approx(server_v2v, abs=0.005)
+    assert 0.448 <= turn.client_voice_to_voice < 0.45 + 0.1
     assert (server.binary_frames > 0) == binary
     # 0.8 s of file + silence_duration_ms (300) + 300 ms of trailing silence, at 20 ms frames.
     assert len(server.received) == 70
@@ -375,7 +382,9 @@ async def test_talk_with_turn_detection_off_commits_and_asks_for_a_response(
     assert kinds[-2:] == ["input_audio_buffer.commit", "response.create"]
     assert len(server.received) == 15  # no trailing silence
     assert turn.reply_text == "Hello there." and turn.timings == {}
-    assert turn.client_voice_to_voice == pytest.approx(0.1, abs=0.01)
+    server_v2v = server.first_audio_sent - server.speech_end
+    assert turn.client_voice_to_voice == pytest.approx(server_v2v, abs=0.005)
+    assert 0.098 <= turn.client_voice_to_voice < 0.1 + 0.1
 
 
 @pytest.mark.asyncio

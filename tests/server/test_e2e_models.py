@@ -79,6 +79,8 @@ def test_capital_of_france_then_a_cached_second_turn(server: str, asr) -> None: 
         async with vc.connect(server, session={"voicepipe": {"latency_events": True}}) as rt:
             first = await rt.talk(speech("What is the capital of France?"), sample_rate=24000,
                                   timeout=180)
+            # a listener hears the reply out before asking again (else it is a barge-in)
+            await asyncio.sleep(len(first.reply_audio) / first.sample_rate)
             second = await rt.talk(speech("And what is the capital of Germany?"),
                                    sample_rate=24000, timeout=180)
             return first, second

@@ -108,7 +108,7 @@ def _kernel(offsets: np.ndarray, cutoff: float, half: int) -> np.ndarray:
     inside = np.abs(offsets) < half
     r = offsets[inside] / half
     w[inside] = np.i0(_BETA * np.sqrt(1.0 - r * r)) / np.i0(_BETA)
-    return cutoff * np.sinc(cutoff * offsets) * w
+    return np.asarray(cutoff * np.sinc(cutoff * offsets) * w)
 
 
 @lru_cache(maxsize=16)
@@ -172,7 +172,7 @@ def ulaw_encode(pcm: np.ndarray) -> bytes:
     exp = np.floor(np.log2(mag)).astype(np.int32) - 7
     mant = np.where(exp > 7, 0x0F, (mag >> (np.minimum(exp, 7) + 3)) & 0x0F)
     exp = np.minimum(exp, 7)
-    return (~(sign | (exp << 4) | mant) & 0xFF).astype(np.uint8).tobytes()
+    return bytes((~(sign | (exp << 4) | mant) & 0xFF).astype(np.uint8).tobytes())
 
 
 def ulaw_decode(data: bytes) -> np.ndarray:
@@ -190,7 +190,7 @@ def alaw_encode(pcm: np.ndarray) -> bytes:
     mag = np.minimum(np.where(s >= 0, s, -s - 1), 0x0FFF)
     exp = np.where(mag < 32, 0, np.floor(np.log2(np.maximum(mag, 1))).astype(np.int32) - 4)
     mant = np.where(exp == 0, mag >> 1, mag >> exp) & 0x0F
-    return ((sign | (exp << 4) | mant) ^ 0x55).astype(np.uint8).tobytes()
+    return bytes(((sign | (exp << 4) | mant) ^ 0x55).astype(np.uint8).tobytes())
 
 
 def alaw_decode(data: bytes) -> np.ndarray:
