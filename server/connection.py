@@ -23,25 +23,45 @@ import numpy as np
 from voicepipe import audio as au
 from voicepipe import protocol as p
 from voicepipe import session as s
+from voicepipe.config import ServerConfig
 from voicepipe.phrases import PhraseChunker
 from voicepipe.stages.base import SamplingParams, Stages
 from voicepipe.turns import RATE
+
+from .metrics import ServerMetrics
 
 log = logging.getLogger("voicepipe.session")
 T = TypeVar("T")
 
 
+class StageFailure(Exception):
+    def __init__(self, stage: str, exc: BaseException) -> None:
+        super().__init__(f"{stage}: {type(exc).__name__}: {exc}")
+        self.stage = stage
+        self.exc = exc
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Failures that will not heal by themselves: out of memory, on the host or a device."""
+    return isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
+
+
 class Connection:
-    def __init__(self, ws: Any, stages: Stages, *, executor: Executor, dialect: p.Dialect,
-                 max_message_bytes: int, max_buffer_s: float, partial_interval_ms: int,
-                 max_response_tokens: int) -> None:
+    def __init__(self, ws: Any, stages: Stages, config: ServerConfig, *, executor: Executor,
+                 dialect: p.Dialect,
+                 on_fatal: Callable[[str, BaseException], None] | None = None) -> None:
         self.ws = ws
         self.stages = stages
+        self.config = config
         self.executor = executor
-        self.max_message_bytes = max_message_bytes
-        self.session = s.Session(dialect=dialect, max_buffer_s=max_buffer_s,
-                                 partial_interval_ms=partial_interval_ms,
-                                 max_response_tokens=max_response_tokens)
+        self.on_fatal = on_fatal
+        self.api_key: str | None = None
+        self.metrics = ServerMetrics()  # the App sets its own
+        self.max_message_bytes = config.max_message_bytes
+        self.session = s.Session(dialect=dialect, max_buffer_s=config.max_input_buffer_s,
+                                 partial_interval_ms=config.partial_interval_ms,
+                                 max_response_tokens=config.max_response_tokens,
+                                 max_items=config.max_conversation_items)
         self.conversation = stages.llm.new_conversation(self.session.config.instructions)
         self.vad = stages.vad.new_stream()
         self._frame = stages.vad.frame_samples
@@ -54,12 +74,18 @@ class Connection:
         self._cancels: dict[str, threading.Event] = {}
         self._loop = asyncio.get_running_loop()
         self.closed = False
+        self._queued_bytes = 0  # bytes waiting in the outbox: bounded by max_send_buffer_bytes
+        self._rate_tokens = 2.0 * config.max_events_per_s  # token bucket of client events
+        self._rate_at = time.monotonic()
+        self._rate_warned = 0.0
+        self._last_message = time.monotonic()
 
     # ---- main loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer())
         lane = asyncio.create_task(self._lane_worker())
+        watchdog = asyncio.create_task(self._idle_watchdog())
         self.session.start()
         self._process()
         try:
@@ -76,12 +102,45 @@ class Connection:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             writer.cancel()
+            watchdog.cancel()
             await self._run_in_lane(self.conversation.close)
             lane.cancel()
-            await asyncio.gather(writer, lane, return_exceptions=True)
+            await asyncio.gather(writer, lane, watchdog, return_exceptions=True)
+            self._pending = np.zeros(0, np.float32)
+
+    def _admit(self) -> bool:
+        """Token bucket over client events: `max_events_per_s` sustained, bursts of twice."""
+        rate = self.config.max_events_per_s
+        t = time.monotonic()
+        self._rate_tokens = min(2.0 * rate, self._rate_tokens + (t - self._rate_at) * rate)
+        self._rate_at = t
+        if self._rate_tokens >= 1.0:
+            self._rate_tokens -= 1.0
+            return True
+        if t - self._rate_warned >= 1.0:  # one error a second, not one per dropped event
+            self._rate_warned = t
+            self._send_error("rate_limit_exceeded", f"more than {rate:g} events per second; "
+                             "events are being dropped")
+        return False
+
+    async def _idle_watchdog(self) -> None:
+        limit = self.config.idle_timeout_s
+        if not limit:
+            return
+        while True:
+            left = self._last_message + limit - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.sleep(left)
+        self._send_error("session_idle_timeout", f"no client message for {limit:g}s; closing")
+        await asyncio.sleep(0.1)  # let the writer deliver it
+        await self.ws.close(1000, "idle timeout")
 
     async def _receive(self, message: str | bytes) -> None:
         now = time.time()
+        self._last_message = time.monotonic()
+        if not self._admit():
+            return
         if isinstance(message, bytes) and not self.session.config.voicepipe.binary_audio:
             self._send_error("unsupported", "binary frames are not enabled; send "
                              "input_audio_buffer.append, or enable session.voicepipe.binary_audio")
@@ -96,7 +155,8 @@ class Connection:
         try:
             event = p.parse_client_event(message, max_bytes=self.max_message_bytes)
         except p.ProtocolError as exc:
-            self._outbox.put_nowait((json.dumps(exc.to_event()), None))
+            self.metrics.error(exc.code)
+            self._queue_send(json.dumps(exc.to_event()), None)
             return
         if isinstance(event, p.InputAudioBufferAppend):
             await self._audio(event.audio, event.event_id, now)
@@ -136,9 +196,10 @@ class Connection:
             if isinstance(action, s.SendEvent):
                 ev = action.event
                 audio_of = ev.get("response_id") if ev["type"].endswith("audio.delta") else None
-                self._outbox.put_nowait((json.dumps(ev), audio_of))
+                self.metrics.event(ev)
+                self._queue_send(json.dumps(ev), audio_of)
             elif isinstance(action, s.SendAudio):
-                self._outbox.put_nowait((action.data, action.response_id))
+                self._queue_send(action.data, action.response_id)
             elif isinstance(action, s.Transcribe):
                 self._spawn(self._transcribe(action))
             elif isinstance(action, s.StartResponse):
@@ -163,14 +224,32 @@ class Connection:
             elif isinstance(action, s.TurnFinished):
                 log.info("turn %s %s %s", action.response_id, action.status,
                          action.timings.log_line())
+                self.metrics.turn_finished(action.timings, action.status, action.response_id)
 
     def _send_error(self, code: str, message: str, event_id: str | None = None) -> None:
         err = p.ProtocolError(code, message, event_id=event_id)
-        self._outbox.put_nowait((json.dumps(err.to_event()), None))
+        self.metrics.error(code)
+        self._queue_send(json.dumps(err.to_event()), None)
+
+    def _queue_send(self, data: str | bytes, audio_of: str | None) -> None:
+        if self._queued_bytes < 0:
+            return  # closing: the client stopped reading
+        self._queued_bytes += len(data)
+        if self._queued_bytes > self.config.max_send_buffer_bytes:
+            log.warning("session %s: client is not reading (%d bytes queued); closing",
+                        self.session.id, self._queued_bytes)
+            self._queued_bytes = -1
+            for ev in self._cancels.values():
+                ev.set()
+            self._spawn(self.ws.close(1008, "client is not reading: send buffer limit reached"))
+            return
+        self._outbox.put_nowait((data, audio_of))
 
     async def _writer(self) -> None:
         while True:
             data, audio_of = await self._outbox.get()
+            if self._queued_bytes >= 0:
+                self._queued_bytes -= len(data)
             await self.ws.send(data)
             if audio_of is not None:
                 self.session.audio_sent(audio_of, time.time())
@@ -216,13 +295,20 @@ class Connection:
         try:
             result = await self._loop.run_in_executor(
                 self.executor, lambda: self.stages.asr.transcribe(a.audio, final=a.final))
-            text = result.text
         except Exception as exc:
-            log.exception("session %s: transcription failed", self.session.id)
-            self._send_error("stage_failed", f"transcription failed: {exc}")
-            text = ""
-        self.session.transcript(a.item_id, text, final=a.final, key=a.key, now=time.time())
+            self._stage_failed(StageFailure("asr", exc))
+            self.session.transcription_failed(a.item_id, f"{type(exc).__name__}: {exc}",
+                                              final=a.final, key=a.key, now=time.time())
+        else:
+            self.session.transcript(a.item_id, result.text, final=a.final, key=a.key,
+                                    now=time.time())
         self._process()
+
+    def _stage_failed(self, failure: StageFailure) -> None:
+        if is_fatal(failure.exc) and self.on_fatal is not None:
+            self.on_fatal(failure.stage, failure.exc)  # logs once, marks /healthz degraded
+        else:
+            log.error("session %s: %s", self.session.id, failure)
 
     async def _respond(self, a: s.StartResponse) -> None:
         cancel = self._cancels[a.response_id]
@@ -233,9 +319,13 @@ class Connection:
         loop = self._loop
 
         def generate() -> None:
+            last: float | None = None
             try:
                 for delta in conv.generate(params, cancel):
+                    last = self.metrics.token(last)
                     loop.call_soon_threadsafe(deltas.put_nowait, delta)
+            except Exception as exc:
+                raise StageFailure("llm", exc) from exc
             finally:
                 loop.call_soon_threadsafe(deltas.put_nowait, None)
 
@@ -269,9 +359,11 @@ class Connection:
         except asyncio.CancelledError:
             cancel.set()
             raise
-        except Exception as exc:
-            log.exception("session %s: response %s failed", self.session.id, a.response_id)
-            error = f"{type(exc).__name__}: {exc}"
+        except StageFailure as failure:
+            self._stage_failed(failure)
+            error = str(failure)
+            cancel.set()
+            await asyncio.gather(generation, return_exceptions=True)
         stats = conv.stats
         self._cancels.pop(a.response_id, None)
         self.session.response_finished(
@@ -299,7 +391,10 @@ class Connection:
                 wave = au.resample(wave, tts.sample_rate, fmt.rate)
             return au.encode_output(wave, fmt.encoding), len(wave) * 1000.0 / fmt.rate
 
-        data, ms = await self._loop.run_in_executor(self.executor, synthesize)
+        try:
+            data, ms = await self._loop.run_in_executor(self.executor, synthesize)
+        except Exception as exc:
+            raise StageFailure("tts", exc) from exc
         self.session.phrase(a.response_id, phrase, data, ms, time.time())
         self._process()
 

@@ -34,6 +34,15 @@ def load_stages(config: ServerConfig, progress: Callable[[str], None] | None = N
     from voicepipe.llm.engine import Engine
     from voicepipe.stages.piper_tts import PiperTTS
     from voicepipe.stages.silero_vad import SileroVAD
+
+    if config.stages == "scripted":
+        from voicepipe.stages.scripted import ScriptedASR, ScriptedLLM, ScriptedTTS
+
+        vad = step(f"VAD ({config.vad_model})", lambda: SileroVAD(config.vad_model))
+        say("scripted ASR, LLM and TTS: instant stand-ins for load tests, not a voice agent")
+        return Stages(vad=vad, asr=ScriptedASR(), llm=ScriptedLLM(),  # type: ignore[arg-type]
+                      tts=ScriptedTTS(), info={"device": "cpu", "stages": "scripted",
+                                               "vad": config.vad_model})
     from voicepipe.stages.whisper_asr import WhisperASR
 
     vad = step(f"VAD ({config.vad_model})", lambda: SileroVAD(config.vad_model))

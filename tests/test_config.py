@@ -54,3 +54,11 @@ def test_every_option_is_in_help_and_readme(capsys: pytest.CaptureFixture[str]) 
         flag = "--" + f.name.replace("_", "-")
         assert flag in help_text, flag
         assert f"`{flag}`" in readme and f"VOICEPIPE_{f.name.upper()}" in readme, flag
+
+
+def test_readme_options_table_is_current() -> None:
+    import runpy
+
+    root = Path(__file__).parents[1]
+    table = runpy.run_path(str(root / "scripts" / "options_table.py"))["table"]()
+    assert table in (root / "README.md").read_text(), "run scripts/options_table.py --write"

@@ -34,6 +34,16 @@ class ServerConfig:
         "'openai-insecure-api-key.<key>'; empty means no authentication. Comma-separated in "
         "the environment and on the command line."
     )
+    allowed_origins: tuple[str, ...] = _opt(
+        (), "Browser origins allowed to open sessions (e.g. https://app.example.com); empty "
+        "allows any. Requests without an Origin header (non-browser clients) are always allowed."
+    )
+    metrics_key: str = _opt("", "If set, GET /metrics needs 'Authorization: Bearer <key>'.")
+    stages: str = _opt(
+        "default", "'default' runs the configured models; 'scripted' keeps the real VAD and "
+        "replaces ASR, LLM and TTS with instant deterministic stand-ins (a fixed transcript, a "
+        "fixed reply, 100 ms of tone per phrase), to load-test the server itself."
+    )
     device: str = _opt("auto", "Where models run: 'auto' (CUDA when present), 'cpu' or 'cuda'.")
     vad_model: str = _opt(models.DEFAULT_VAD, "Voice activity model (path or offline name).")
     asr_model: str = _opt(models.DEFAULT_ASR, "faster-whisper model (path, offline name or hub id).")
@@ -49,7 +59,26 @@ class ServerConfig:
                           "or offline name).")
     threads: int = _opt(0, "CPU threads for model inference (0: all cores).")
     max_sessions: int = _opt(32, "Concurrent WebSocket sessions; more are refused with HTTP 503.")
+    max_sessions_per_key: int = _opt(0, "Concurrent sessions per API key (0: no per-key limit).")
     max_message_bytes: int = _opt(1 << 20, "Largest client WebSocket message accepted, in bytes.")
+    max_events_per_s: float = _opt(
+        200.0, "Client events per second per session (sustained; bursts of twice as many are "
+        "allowed); events beyond it are dropped with a rate_limit_exceeded error."
+    )
+    max_conversation_items: int = _opt(
+        200, "Conversation items kept per session; beyond it the oldest are dropped (the "
+        "system prompt stays) and the LLM's cache follows."
+    )
+    idle_timeout_s: float = _opt(
+        600.0, "Close a session after this long without any client message (0: never)."
+    )
+    max_send_buffer_bytes: int = _opt(
+        8 << 20, "Server-to-client bytes allowed to queue for a client that does not read; "
+        "beyond it the session is closed (1008) so it cannot grow the server's memory."
+    )
+    shutdown_grace_s: float = _opt(
+        10.0, "On SIGTERM, how long replies in flight may finish before sessions are closed."
+    )
     max_input_buffer_s: float = _opt(
         120.0, "Most input audio held uncommitted (seconds); beyond it the session gets an error "
         "and the buffer is cleared."
@@ -66,11 +95,19 @@ class ServerConfig:
             raise ConfigError(f"port: {self.port} is not a TCP port")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: {self.device!r} is not auto, cpu or cuda[:N]")
-        for name in ("max_sessions", "max_message_bytes", "max_response_tokens"):
+        if self.stages not in ("default", "scripted"):
+            raise ConfigError(f"stages: {self.stages!r} is not 'default' or 'scripted'")
+        for name in ("max_sessions", "max_message_bytes", "max_response_tokens",
+                     "max_conversation_items", "max_send_buffer_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
         if self.max_input_buffer_s <= 0:
             raise ConfigError("max_input_buffer_s: must be positive")
+        if self.max_events_per_s <= 0:
+            raise ConfigError("max_events_per_s: must be positive")
+        if min(self.idle_timeout_s, self.shutdown_grace_s, self.max_sessions_per_key) < 0:
+            raise ConfigError("idle_timeout_s, shutdown_grace_s and max_sessions_per_key must "
+                              "not be negative")
         if self.threads < 0 or self.partial_interval_ms < 0:
             raise ConfigError("threads and partial_interval_ms must not be negative")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -183,6 +183,7 @@ class Session:
         max_buffer_s: float = 120.0,
         partial_interval_ms: int = 600,
         max_response_tokens: int = 256,
+        max_items: int = 200,
     ) -> None:
         self.id = p.new_id("sess")
         self.config = config or p.SessionConfig()
@@ -190,6 +191,7 @@ class Session:
         self.max_buffer = int(max_buffer_s * RATE)
         self.partial_interval = partial_interval_ms * RATE // 1000
         self.max_response_tokens = max_response_tokens
+        self.max_items = max(2, max_items)
         self.items: list[Item] = []
         self._out: list[Action] = []
         self._detector = self._make_detector()
@@ -348,11 +350,7 @@ class Session:
             self._error("invalid_value", "cannot delete the item of a response in progress",
                         ev.event_id, "item_id")
             return
-        if item.in_llm:
-            index = sum(1 for it in self.items[: self.items.index(item)] if it.in_llm)
-            self._out.append(DeleteMessage(item.id, index))
-        self.items.remove(item)
-        self._send("conversation.item.deleted", item_id=item.id)
+        self._remove_item(item)
 
     def _on_ConversationItemRetrieve(self, ev: p.ConversationItemRetrieve, now: float) -> None:
         item = self._find(ev.item_id)
@@ -486,6 +484,32 @@ class Session:
         turn.final_at = now
         if turn.committed:
             self._finish_transcript(turn)
+
+    def transcription_failed(self, item_id: str, message: str, *, final: bool, key: int,
+                             now: float) -> None:
+        """A `Transcribe` action failed. A failed partial is forgotten; a failed final ends
+        the user's item without a transcript and without a response."""
+        turn = self._turn if self._turn and self._turn.item_id == item_id else next(
+            (t for t in self._pending_finals if t.item_id == item_id), None)
+        if turn is None:
+            return
+        if not final:
+            turn.partial_busy = False
+            return
+        if key != turn.final_key:
+            return
+        if not turn.committed:
+            turn.final_key = None  # the endpoint will try again
+            return
+        self._pending_finals.remove(turn)
+        item = self._find(turn.item_id)
+        if item is not None:
+            item.status = "incomplete"
+            self._send("conversation.item.input_audio_transcription.failed", item_id=item.id,
+                       content_index=0, error={"type": "server_error",
+                                               "code": "transcription_failed",
+                                               "message": message})
+        self._response_wanted = None
 
     def _finish_transcript(self, turn: UserTurn) -> None:
         assert turn.final_text is not None and turn.final_at is not None
@@ -685,7 +709,23 @@ class Session:
 
     def _add_item(self, item: Item) -> Item:
         self.items.append(item)
+        # Bounded history: drop the oldest items (the system prompt is not an item and stays),
+        # never one that a response or a transcription still works on.
+        busy = {self._response.item.id} if self._response else set()
+        busy |= {t.item_id for t in self._pending_finals}
+        while len(self.items) > self.max_items:
+            old = next((it for it in self.items if it.id not in busy and it is not item), None)
+            if old is None:
+                break
+            self._remove_item(old)
         return item
+
+    def _remove_item(self, item: Item) -> None:
+        if item.in_llm:
+            index = sum(1 for it in self.items[: self.items.index(item)] if it.in_llm)
+            self._out.append(DeleteMessage(item.id, index))
+        self.items.remove(item)
+        self._send("conversation.item.deleted", item_id=item.id)
 
     def _to_llm(self, item: Item) -> None:
         item.in_llm = True

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from voicepipe.stages.base import GenerationStats, SamplingParams, StageError, Transcript
+from voicepipe.stages.base import GenerationStats, SamplingParams, Transcript
 
 REPLY = "This is a scripted reply from voicepipe. It has two sentences."
 
@@ -24,8 +24,11 @@ class ScriptedASR:
 
     def __init__(self, text: str = "Hello from the scripted transcriber.") -> None:
         self.text = text
+        self.failures: list[BaseException] = []  # raised by the next final passes (fault tests)
 
     def transcribe(self, audio: np.ndarray, *, final: bool) -> Transcript:
+        if self.failures and final:
+            raise self.failures.pop(0)
         return Transcript(self.text, len(audio) / self.sample_rate)
 
 
@@ -40,10 +43,15 @@ class ScriptedConversation:
     def add_message(self, role: str, text: str) -> None:
         self.messages.append((role, text))
 
+    def prefill(self) -> int:
+        """Mark the pending messages as run; returns their word count."""
+        new = sum(len(text.split()) for _, text in self.messages[self._ran :])
+        self._ran = len(self.messages)
+        return new
+
     def generate(self, params: SamplingParams, cancel: threading.Event) -> Iterator[str]:
-        if self.llm.fail_next:
-            self.llm.fail_next = False
-            raise StageError("llm", "injected failure")
+        if self.llm.failures:
+            raise self.llm.failures.pop(0)
         new = sum(len(text.split()) for _, text in self.messages[self._ran:])
         cached = sum(len(text.split()) for _, text in self.messages[: self._ran])
         self._stats = GenerationStats(prefill_tokens=new, cached_tokens=cached)
@@ -91,7 +99,7 @@ class ScriptedLLM:
     def __init__(self, reply: str = REPLY, token_delay: float = 0.0) -> None:
         self.reply = reply
         self.token_delay = token_delay
-        self.fail_next = False
+        self.failures: list[BaseException] = []  # raised by the next generate() calls
         self.open_conversations: set[ScriptedConversation] = set()
 
     def new_conversation(self, instructions: str) -> ScriptedConversation:
@@ -111,6 +119,9 @@ class ScriptedTTS:
     def __init__(self, seconds: float = 0.1) -> None:
         t = np.arange(int(seconds * self.sample_rate)) / self.sample_rate
         self._tone = (0.2 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
+        self.failures: list[BaseException] = []  # raised by the next calls (fault tests)
 
     def synthesize(self, text: str) -> np.ndarray:
+        if self.failures:
+            raise self.failures.pop(0)
         return self._tone.copy()

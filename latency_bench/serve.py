@@ -1,0 +1,48 @@
+"""Run `voicepipe serve` on loopback for the self-test: start it, wait for its ready line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+READY = re.compile(r"voicepipe is ready: .* Realtime WebSocket at (\S+)")
+
+
+@contextlib.contextmanager
+def voicepipe_serve(extra: list[str], timeout: float = 600.0) -> Iterator[str]:
+    """Yields the Realtime URL of a fresh `voicepipe serve --host 127.0.0.1 --port 0`."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "voicepipe.server.cli", "serve", "--host", "127.0.0.1",
+         "--port", "0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    tail: list[str] = []
+    url: str | None = None
+    deadline = time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-20:]
+            if m := READY.search(line):
+                url = m.group(1)
+                break
+            if time.monotonic() > deadline:
+                break
+        if url is None:
+            raise RuntimeError("voicepipe serve did not become ready:\n" + "\n".join(tail))
+        # keep reading its output so the pipe never fills and blocks the server
+        threading.Thread(target=lambda: [None for _ in proc.stdout or []], daemon=True).start()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

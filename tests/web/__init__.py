@@ -1,0 +1,1 @@
+"""Tests of the browser demo (clients/web) in a real browser and under Node."""
