@@ -79,6 +79,7 @@ class Connection:
         self._rate_at = time.monotonic()
         self._rate_warned = 0.0
         self._last_message = time.monotonic()
+        self._speculative: tuple[str, int] | None = None  # (item id, tokens) prefilled early
 
     # ---- main loop ---------------------------------------------------------------------------
 
@@ -210,9 +211,12 @@ class Connection:
                     self._cancels[action.response_id].set()
             elif isinstance(action, s.AddMessage):
                 self._lane_nowait(lambda a=action, c=self.conversation: c.add_message(a.role, a.text))
+            elif isinstance(action, s.Prefill):
+                self._lane_nowait(lambda a=action: self._prefill(a))
             elif isinstance(action, s.TruncateMessage):
                 self._lane_nowait(lambda a=action, c=self.conversation: c.truncate_last_assistant(a.kept_text))
             elif isinstance(action, s.DeleteMessage):
+                self._lane_nowait(lambda a=action: self._forget_speculation(a.item_id))
                 self._lane_nowait(lambda a=action, c=self.conversation: c.delete_message(a.index))
             elif isinstance(action, s.SetInstructions):
                 self._lane_nowait(lambda a=action, c=self.conversation: c.set_instructions(a.text))
@@ -304,6 +308,19 @@ class Connection:
                                     now=time.time())
         self._process()
 
+    def _prefill(self, a: s.Prefill) -> None:
+        """Runs on the conversation lane: the speculative user message, through the LLM."""
+        self.conversation.add_message("user", a.text)
+        self._speculative = (a.item_id, 0)
+        try:
+            self._speculative = (a.item_id, self.conversation.prefill())
+        except Exception as exc:  # speculation is an optimisation: the reply will redo it
+            self._stage_failed(StageFailure("llm", exc))
+
+    def _forget_speculation(self, item_id: str) -> None:
+        if self._speculative is not None and self._speculative[0] == item_id:
+            self._speculative = None
+
     def _stage_failed(self, failure: StageFailure) -> None:
         if is_fatal(failure.exc) and self.on_fatal is not None:
             self.on_fatal(failure.stage, failure.exc)  # logs once, marks /healthz degraded
@@ -318,7 +335,12 @@ class Connection:
                                 temperature=self.session.config.temperature)
         loop = self._loop
 
+        speculative = 0  # tokens of this turn prefilled before the endpoint
+
         def generate() -> None:
+            nonlocal speculative
+            if self._speculative is not None:
+                speculative, self._speculative = self._speculative[1], None
             last: float | None = None
             try:
                 for delta in conv.generate(params, cancel):
@@ -366,9 +388,11 @@ class Connection:
             await asyncio.gather(generation, return_exceptions=True)
         stats = conv.stats
         self._cancels.pop(a.response_id, None)
+        # A turn's figures count its speculatively prefilled tokens as prefilled, not cached.
         self.session.response_finished(
-            a.response_id, prefill_tokens=stats.prefill_tokens,
-            cached_tokens=stats.cached_tokens, generated_tokens=stats.generated_tokens,
+            a.response_id, prefill_tokens=stats.prefill_tokens + speculative,
+            cached_tokens=max(0, stats.cached_tokens - speculative),
+            generated_tokens=stats.generated_tokens, speculative_tokens=speculative,
             error=error, now=time.time())
         self._process()
 

@@ -6,9 +6,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from voicepipe.config import ServerConfig
 from voicepipe.stages.base import Stages
+
+if TYPE_CHECKING:
+    from voicepipe.stages.openai_llm import OpenAILLM
 
 log = logging.getLogger("voicepipe.stages")
 
@@ -54,8 +58,10 @@ def load_stages(config: ServerConfig, progress: Callable[[str], None] | None = N
         config.asr_model, device="cuda" if cuda else "cpu", compute_type=compute,
         cpu_threads=threads or os.cpu_count() or 1))
     dtype = None if config.llm_dtype == "auto" else config.llm_dtype
-    llm = step(f"LLM ({config.llm_model})", lambda: Engine.load(
-        config.llm_model, device=device, dtype=dtype))
+    external = _external_llm(config, say) if config.llm_url else None
+    llm = external or step(f"LLM ({config.llm_model})", lambda: Engine.load(
+        config.llm_model, device=device, dtype=dtype, kv_cache_gb=config.kv_cache_gb or None,
+        page_size=config.kv_page_tokens))
     tts = step(f"TTS ({config.tts_model})", lambda: PiperTTS(config.tts_model, use_cuda=cuda,
                                                                     threads=threads or 0))
     t0 = time.perf_counter()
@@ -68,4 +74,17 @@ def load_stages(config: ServerConfig, progress: Callable[[str], None] | None = N
     say(f"warm in {time.perf_counter() - t0:.1f}s")
     info.update(vad=config.vad_model, asr=config.asr_model, llm=config.llm_model,
                 tts=config.tts_model)
+    if external is not None:
+        info["llm"] = f"{external.model or '(unknown model)'} at {config.llm_url}"
     return Stages(vad=vad, asr=asr, llm=llm, tts=tts, info=info)  # type: ignore[arg-type]
+
+
+def _external_llm(config: ServerConfig, say: Callable[[str], None]) -> OpenAILLM:
+    from voicepipe import models
+    from voicepipe.stages.openai_llm import OpenAILLM
+
+    say(f"LLM: the OpenAI-compatible server at {config.llm_url}")
+    return OpenAILLM(
+        config.llm_url, "" if config.llm_model == models.DEFAULT_LLM else config.llm_model,
+        config.llm_api_key, connect_timeout_s=config.llm_connect_timeout_s,
+        timeout_s=config.llm_timeout_s, retries=config.llm_retries, slots=config.llm_slots)

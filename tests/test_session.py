@@ -104,7 +104,7 @@ def test_final_transcript_from_before_the_endpoint_is_used_and_latency_is_negati
     acts = frames(sess, [0.9] * 10 + [0.05])  # speech, then the first silent frame
     (tr,) = of(acts, s.Transcribe)
     sess.transcript(tr.item_id, "hello there", final=True, key=tr.key, now=100.36)
-    assert sess.actions() == []  # not committed yet: nothing to say
+    assert [type(a) for a in sess.actions()] == [s.Prefill]  # nothing to say yet
     acts = frames(sess, [0.05] * 20, t0=100.4)
     assert not of(acts, s.Transcribe)  # no second transcription
     assert "conversation.item.input_audio_transcription.completed" in types(acts)
@@ -332,3 +332,46 @@ def test_first_byte_written_after_the_response_ended_still_completes_the_turn() 
     (lat,) = [e for e in events(acts) if e["type"] == "voicepipe.latency"]
     assert "voice_to_voice" in lat["derived_ms"]
     assert sess.items[-1].first_audio_at == 101.4
+
+
+def test_early_transcript_is_prefilled_and_kept_when_the_turn_ends_unchanged() -> None:
+    sess = make()
+    acts = frames(sess, [0.9] * 10 + [0.05])
+    (tr,) = of(acts, s.Transcribe)
+    sess.transcript(tr.item_id, "hello there", final=True, key=tr.key, now=100.4)
+    (pre,) = of(sess.actions(), s.Prefill)
+    assert (pre.item_id, pre.text) == (tr.item_id, "hello there")
+    acts = frames(sess, [0.05] * 20, t0=100.5)
+    assert not of(acts, s.AddMessage) and not of(acts, s.DeleteMessage)  # already in the LLM
+    assert of(acts, s.StartResponse)
+    assert sess._llm == [sess.items[0].id, sess.items[1].id]  # the user message, the reply
+
+
+def test_speculation_is_rolled_back_when_the_user_goes_on() -> None:
+    sess = make()
+    sess.receive(p.ConversationItemCreate(None, None, None, "user", "earlier"), now=99)
+    sess.actions()
+    acts = frames(sess, [0.9] * 10 + [0.05])
+    (tr,) = of(acts, s.Transcribe)
+    sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
+    assert of(sess.actions(), s.Prefill)
+    acts = frames(sess, [0.9] * 3, t0=100.5)  # speech resumes
+    (drop,) = of(acts, s.DeleteMessage)
+    assert (drop.item_id, drop.index) == (tr.item_id, 1)  # after the one earlier message
+    acts = frames(sess, [0.05] * 20, t0=101)
+    final = [t for t in of(acts, s.Transcribe) if t.final][-1]
+    sess.transcript(final.item_id, "hello world", final=True, key=final.key, now=102)
+    acts = sess.actions()
+    (add,) = of(acts, s.AddMessage)
+    assert add.text == "hello world"
+
+
+def test_no_speculation_while_a_response_is_running_or_without_auto_response() -> None:
+    sess = make()
+    sess.receive(p.SessionUpdate(None, {"turn_detection": {"type": "server_vad",
+                                                           "create_response": False}}), now=0)
+    sess.actions()
+    acts = frames(sess, [0.9] * 10 + [0.05])
+    (tr,) = of(acts, s.Transcribe)
+    sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
+    assert not of(sess.actions(), s.Prefill)

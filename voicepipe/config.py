@@ -53,8 +53,33 @@ class ServerConfig:
     )
     llm_model: str = _opt(models.DEFAULT_LLM, "LLM: a GGUF file, a Hugging Face folder, an "
                           "offline name or a hub id.")
-    llm_dtype: str = _opt("auto", "LLM weights dtype: auto (float32 on CPU, bfloat16 on CUDA), "
-                          "float32, bfloat16, float16.")
+    llm_url: str = _opt(
+        "", "Base URL of an external OpenAI-compatible server (vLLM, SGLang, llama.cpp), e.g. "
+        "http://10.0.0.5:8000/v1; when set, replies are streamed from its /chat/completions "
+        "instead of the embedded engine, and llm_model is the model name sent to it (left at "
+        "its default, the server's first model from /models is used)."
+    )
+    llm_api_key: str = _opt("", "Bearer token sent to llm_url (empty: none).")
+    llm_connect_timeout_s: float = _opt(2.0, "Seconds to wait for a connection to llm_url.")
+    llm_timeout_s: float = _opt(
+        30.0, "Seconds llm_url may stay silent (before the first token or between two) before "
+        "the turn fails with an error event."
+    )
+    llm_retries: int = _opt(
+        2, "Connection attempts to llm_url repeated after a connect error, with backoff from "
+        "0.1 s doubling; a request that was sent is never repeated."
+    )
+    llm_slots: int = _opt(
+        0, "llama.cpp llama-server only: its --parallel slot count. Each conversation is pinned "
+        "to a slot (id_slot) with cache_prompt, so sessions keep their prompt cached; 0 sends "
+        "neither field (vLLM, SGLang, llama-cpp-python)."
+    )
+    llm_dtype: str = _opt("auto", "LLM weights: auto (int8 weights on the CPU, bfloat16 on CUDA), "
+                          "int8, float32, bfloat16, float16.")
+    kv_cache_gb: float = _opt(0.0, "Size of the LLM's KV page pool in GB (0: 10% of memory up "
+                              "to 1 GB on the CPU, half the free GPU memory on CUDA).")
+    kv_page_tokens: int = _opt(16, "Tokens per KV page (prefix matching stays exact to the "
+                               "token whatever the size).")
     tts_model: str = _opt(models.DEFAULT_TTS, "Piper voice (.onnx with its .onnx.json beside it, "
                           "or offline name).")
     threads: int = _opt(0, "CPU threads for model inference (0: all cores).")
@@ -103,11 +128,19 @@ class ServerConfig:
                 raise ConfigError(f"{name}: must be at least 1")
         if self.max_input_buffer_s <= 0:
             raise ConfigError("max_input_buffer_s: must be positive")
+        if self.kv_cache_gb < 0 or self.kv_page_tokens < 1:
+            raise ConfigError("kv_cache_gb must not be negative and kv_page_tokens must be >= 1")
         if self.max_events_per_s <= 0:
             raise ConfigError("max_events_per_s: must be positive")
         if min(self.idle_timeout_s, self.shutdown_grace_s, self.max_sessions_per_key) < 0:
             raise ConfigError("idle_timeout_s, shutdown_grace_s and max_sessions_per_key must "
                               "not be negative")
+        if self.llm_url and not self.llm_url.startswith(("http://", "https://")):
+            raise ConfigError(f"llm_url: {self.llm_url!r} is not an http(s) URL")
+        if min(self.llm_connect_timeout_s, self.llm_timeout_s) <= 0:
+            raise ConfigError("llm_connect_timeout_s and llm_timeout_s must be positive")
+        if min(self.llm_retries, self.llm_slots) < 0:
+            raise ConfigError("llm_retries and llm_slots must not be negative")
         if self.threads < 0 or self.partial_interval_ms < 0:
             raise ConfigError("threads and partial_interval_ms must not be negative")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

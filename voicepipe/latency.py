@@ -18,6 +18,7 @@ class TurnTimings:
     prefill_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
+    speculative_tokens: int = 0  # of prefill_tokens, run before the endpoint
 
     def mark(self, name: str, when: float) -> None:
         """Record a mark once; the first occurrence wins."""
@@ -48,6 +49,7 @@ class TurnTimings:
     def log_line(self) -> str:
         d = self.derived_ms()
         parts = [f"{k}={v:.1f}ms" for k, v in d.items()]
-        parts.append(f"prefill={self.prefill_tokens} cached={self.cached_tokens} "
+        parts.append(f"prefill={self.prefill_tokens} (speculative {self.speculative_tokens}) "
+                     f"cached={self.cached_tokens} "
                      f"generated={self.generated_tokens}")
         return " ".join(parts)

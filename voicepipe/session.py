@@ -79,6 +79,16 @@ class AddMessage:
 
 
 @dataclass(frozen=True)
+class Prefill:
+    """Speculation: append the user's message as transcribed at the first silent frame and run
+    it through the LLM while the endpoint is still undecided. If the turn ends with the same
+    text, the reply starts from a warm cache; if not, a `DeleteMessage` rolls it back."""
+
+    item_id: str
+    text: str
+
+
+@dataclass(frozen=True)
 class TruncateMessage:
     item_id: str
     kept_text: str
@@ -108,7 +118,7 @@ class TurnFinished:
 
 
 Action = (SendEvent | SendAudio | Transcribe | StartResponse | CancelResponse | AddMessage
-          | TruncateMessage | DeleteMessage | SetInstructions | SessionChanged | TurnFinished)
+          | Prefill | TruncateMessage | DeleteMessage | SetInstructions | SessionChanged | TurnFinished)
 
 
 # ---- state -----------------------------------------------------------------------------------
@@ -119,7 +129,6 @@ class Item:
     id: str
     role: str
     text: str
-    in_llm: bool = False  # whether the LLM's conversation holds it
     audio: bool = False
     status: str = "completed"
     # assistant audio: phrases as (text, start_ms, end_ms) and the playback clock
@@ -203,6 +212,10 @@ class Session:
         self._response: Response | None = None
         self._response_wanted: p.ResponseCreate | None = None
         self._pending_finals: list[UserTurn] = []
+        self._speculated: tuple[str, str] | None = None  # (item id, text) prefilled early
+        # The item ids of the LLM's messages in its order (which can differ from the items':
+        # a typed message can overtake a spoken one whose transcript is still coming).
+        self._llm: list[str] = []
         self._unsent: dict[str, Response] = {}  # ended, but their first audio not yet written
 
     # ---- plumbing ----------------------------------------------------------------------------
@@ -277,6 +290,7 @@ class Session:
             self._detector = self._make_detector()
             if self._turn is not None and not self._turn.committed:
                 self._turn = None
+                self._unspeculate()
         if (in_fmt, out_fmt, td) != (self.config.input_format, self.config.output_format,
                                      self.config.turn_detection):
             self._out.append(SessionChanged())
@@ -304,6 +318,7 @@ class Session:
         self._drop_buffer(self._pos)
         if self._turn is not None and not self._turn.committed:
             self._turn = None
+            self._unspeculate()
         if self._detector is not None:
             self._detector.reset()
         self._send("input_audio_buffer.cleared")
@@ -397,6 +412,7 @@ class Session:
                         "commit; the buffer was cleared")
             self._drop_buffer(self._pos)
             self._turn = None
+            self._unspeculate()
             if self._detector is not None:
                 self._detector.reset()
             return
@@ -411,6 +427,7 @@ class Session:
             elif isinstance(tev, SpeechResumed) and self._turn is not None:
                 self._turn.final_key = None
                 self._turn.final_text = None
+                self._unspeculate()
             elif isinstance(tev, SpeechStopped) and self._turn is not None:
                 self._send("input_audio_buffer.speech_stopped",
                            audio_end_ms=tev.speech_end * 1000 // RATE, item_id=self._turn.item_id)
@@ -484,6 +501,10 @@ class Session:
         turn.final_at = now
         if turn.committed:
             self._finish_transcript(turn)
+            return
+        td = self.config.turn_detection
+        if turn.final_text and self._response is None and td and td.create_response:
+            self._speculate(turn.item_id, turn.final_text)
 
     def transcription_failed(self, item_id: str, message: str, *, final: bool, key: int,
                              now: float) -> None:
@@ -525,6 +546,7 @@ class Session:
         self._send("conversation.item.done", previous_item_id=self._previous_id(item),
                    item=self._item_object(item))
         if not item.text:
+            self._unspeculate()
             return  # noise or silence: nothing was said, nothing to answer
         self._to_llm(item)
         td = self.config.turn_detection
@@ -559,6 +581,7 @@ class Session:
             max_tokens = req.max_output_tokens
         limit = self.max_response_tokens if max_tokens in (None, "inf") else min(
             int(max_tokens), self.max_response_tokens)
+        self._llm.append(item.id)  # generate() appends the reply, however far it gets
         self._out.append(StartResponse(r.id, item.id, req.instructions if req else None,
                                        limit, audio))
 
@@ -610,11 +633,13 @@ class Session:
             self._send("voicepipe.latency", response_id=r.id, item_id=r.item.id,
                        marks=dict(t.marks), derived_ms=t.derived_ms(),
                        llm={"prefill_tokens": t.prefill_tokens, "cached_tokens": t.cached_tokens,
+                            "speculative_tokens": t.speculative_tokens,
                             "generated_tokens": t.generated_tokens})
         self._out.append(TurnFinished(r.id, r.final_status, t))
 
     def response_finished(self, response_id: str, *, prefill_tokens: int = 0,
                           cached_tokens: int = 0, generated_tokens: int = 0,
+                          speculative_tokens: int = 0,
                           error: str | None = None, now: float) -> None:
         """The adapter's work for the response ended (done, cancelled or failed)."""
         r = self._response
@@ -623,6 +648,7 @@ class Session:
         t = r.timings
         t.prefill_tokens, t.cached_tokens, t.generated_tokens = (
             prefill_tokens, cached_tokens, generated_tokens)
+        t.speculative_tokens = speculative_tokens
         item = r.item
         if r.status == "cancelling":
             status = "cancelled"
@@ -660,7 +686,6 @@ class Session:
                         "total_tokens": prefill_tokens + cached_tokens + generated_tokens,
                         "input_token_details": {"cached_tokens": cached_tokens}}
         self._send("response.done", response=obj)
-        item.in_llm = True  # the LLM keeps the reply as far as it got, even if empty
         self._response = None
         r.final_status = status
         if item.audio_ms > 0 and item.first_audio_at is None:
@@ -702,7 +727,10 @@ class Session:
         if kept == item.text:
             return
         item.text = kept
-        if item.in_llm:
+        # The LLM can cut its last assistant message only; an older reply keeps its text there.
+        roles = {it.id: it.role for it in self.items}
+        last = next((i for i in reversed(self._llm) if roles.get(i) == "assistant"), None)
+        if last == item.id:
             self._out.append(TruncateMessage(item.id, kept))
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -721,15 +749,36 @@ class Session:
         return item
 
     def _remove_item(self, item: Item) -> None:
-        if item.in_llm:
-            index = sum(1 for it in self.items[: self.items.index(item)] if it.in_llm)
-            self._out.append(DeleteMessage(item.id, index))
+        if item.id in self._llm:
+            self._out.append(DeleteMessage(item.id, self._llm.index(item.id)))
+            self._llm.remove(item.id)
         self.items.remove(item)
         self._send("conversation.item.deleted", item_id=item.id)
 
     def _to_llm(self, item: Item) -> None:
-        item.in_llm = True
+        if self._speculated == (item.id, item.text) and item.role == "user":
+            self._speculated = None  # the LLM already holds exactly this message
+            return
+        self._unspeculate()
+        self._llm.append(item.id)
         self._out.append(AddMessage(item.id, item.role, item.text))
+
+    def _speculate(self, item_id: str, text: str) -> None:
+        if self._speculated == (item_id, text):
+            return
+        self._unspeculate()
+        self._speculated = (item_id, text)
+        self._llm.append(item_id)
+        self._out.append(Prefill(item_id, text))
+
+    def _unspeculate(self) -> None:
+        """Roll back a speculative user message: it is the LLM's last message."""
+        if self._speculated is None:
+            return
+        item_id = self._llm.pop()
+        assert item_id == self._speculated[0]
+        self._out.append(DeleteMessage(item_id, len(self._llm)))
+        self._speculated = None
 
     def _find(self, item_id: str) -> Item | None:
         return next((it for it in self.items if it.id == item_id), None)
