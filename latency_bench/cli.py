@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import load, plots, report
+from . import load, plots, report, soak
 from . import speech as sp
 from .progress import Progress
 from .speech import QUESTIONS
@@ -156,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("startup", help="time `voicepipe serve` to ready, first and second start")
     s.add_argument("serve_args", nargs="*", help="extra arguments for voicepipe serve")
     s.set_defaults(fn=cmd_startup)
+    soak.register(sub)
     if _engine is not None:
         _engine.register(sub)
     return ap
