@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from voicepipe.testing.server import voicepipe_serve
 
 from . import load, plots, report, soak
 from . import speech as sp
@@ -33,23 +32,11 @@ try:  # the engine benchmark is optional: the command line works without it
 except ImportError:
     _engine = None  # type: ignore[assignment, unused-ignore]
 
-def time_startup(extra: list[str], cache: str | None) -> float:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if cache:
-        env["VOICEPIPE_CACHE"] = cache
+def time_startup(extra: list[str], cache: str) -> float:
+    """Seconds from launching `voicepipe serve` to its ready line, with `cache` as model cache."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "voicepipe.server.cli", "serve", "--port",
-                             "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            if re.search(r"voicepipe is ready", line):
-                return time.perf_counter() - t0
-        raise RuntimeError("voicepipe serve exited before it was ready")
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with voicepipe_serve(extra, env={"VOICEPIPE_CACHE": cache}):
+        return time.perf_counter() - t0
 
 
 def cmd_startup(args: argparse.Namespace) -> int:
@@ -110,7 +97,6 @@ def run_bench(args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
 
 
 def self_test(args: argparse.Namespace) -> int:
-    from .serve import voicepipe_serve
 
     with voicepipe_serve(shlex.split(args.serve_args)) as url:
         print(f"voicepipe-bench: self-test against {url}", file=sys.stderr)

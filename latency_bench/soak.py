@@ -19,7 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from .serve import voicepipe_serve
+from voicepipe.testing.server import voicepipe_serve
+
 from .stats import percentile
 
 

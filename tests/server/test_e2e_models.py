@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,45 +10,16 @@ import pytest
 import voicepipe_client as vc
 
 from voicepipe.audio import resample
+from voicepipe.testing.server import voicepipe_serve
 from voicepipe.testing.speech import espeak_pcm
 
 pytestmark = [pytest.mark.models, pytest.mark.slow]
-READY = re.compile(r"voicepipe is ready: open (http://\S+)")
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "voicepipe.server.cli", "serve", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    url: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if m := READY.search(line):
-                url.append(m.group(1))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    ready.wait(900)
-    if not url:
-        proc.kill()
-        pytest.fail("voicepipe serve did not become ready:\n" + "".join(lines[-40:]))
-    try:
-        yield url[0].replace("http://", "ws://") + "v1/realtime"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print("".join(lines[-30:]))
+    with voicepipe_serve([]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

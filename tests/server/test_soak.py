@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from voicepipe.bench.serve import voicepipe_serve
 from voicepipe.bench.soak import soak
+
+from voicepipe.testing.server import voicepipe_serve
 
 
 @pytest.mark.slow

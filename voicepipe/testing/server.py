@@ -1,4 +1,5 @@
-"""Run `voicepipe serve` on loopback for the self-test: start it, wait for its ready line."""
+"""`voicepipe serve` in a subprocess on loopback, for tests and the benchmark: start it, wait for
+its ready line, stop it."""
 
 from __future__ import annotations
 
@@ -14,10 +15,17 @@ from collections.abc import Iterator
 READY = re.compile(r"voicepipe is ready: .* Realtime WebSocket at (\S+)")
 
 
+def http_url(realtime_url: str) -> str:
+    """`ws://host:port/v1/realtime` -> `http://host:port/`."""
+    return realtime_url.replace("ws", "http", 1).split("v1/realtime")[0]
+
+
 @contextlib.contextmanager
-def voicepipe_serve(extra: list[str], timeout: float = 600.0) -> Iterator[str]:
-    """Yields the Realtime URL of a fresh `voicepipe serve --host 127.0.0.1 --port 0`."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def voicepipe_serve(extra: list[str], timeout: float = 600.0,
+                    env: dict[str, str] | None = None) -> Iterator[str]:
+    """Yields the Realtime URL of a fresh `voicepipe serve --host 127.0.0.1 --port 0`, with
+    `extra` arguments and `env` added to this process's environment."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "voicepipe.server.cli", "serve", "--host", "127.0.0.1",
          "--port", "0", *extra],
