@@ -375,3 +375,11 @@ def test_no_speculation_while_a_response_is_running_or_without_auto_response() -
     (tr,) = of(acts, s.Transcribe)
     sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
     assert not of(sess.actions(), s.Prefill)
+
+
+def test_out_of_band_response_is_refused_clearly() -> None:
+    sess = make()
+    sess.receive(p.ResponseCreate("e1", conversation="none"), now=1)
+    (err,) = events(sess.actions())
+    assert err["error"]["code"] == "unsupported"
+    assert err["error"]["param"] == "response.conversation"

@@ -376,6 +376,11 @@ class Session:
         self._send("conversation.item.retrieved", item=self._item_object(item))
 
     def _on_ResponseCreate(self, ev: p.ResponseCreate, now: float) -> None:
+        if ev.conversation == "none":
+            self._error("unsupported", "out-of-band responses (conversation: none) are not "
+                        "supported; the reply would have to leave the cached conversation",
+                        ev.event_id, "response.conversation")
+            return
         if self._response is not None or self._response_wanted is not None:
             self._error("conversation_already_has_active_response",
                         "a response is already in progress", ev.event_id)
