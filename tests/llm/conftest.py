@@ -24,6 +24,6 @@ def smollm_engine(smollm_path: Path) -> Iterator[object]:
     from voicepipe.llm.engine import Engine
 
     torch.set_num_threads(2)
-    yield Engine.load(str(smollm_path))
+    yield Engine.load(str(smollm_path), dtype="float32")  # exact comparisons: int8 has its own tests
 
 

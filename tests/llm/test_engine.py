@@ -132,10 +132,11 @@ def test_max_tokens_and_generating_again(smollm_engine: Engine) -> None:
     c.add_message("user", "Write a long story about a cat.")
     collect(c.generate(SamplingParams(max_tokens=5), no_cancel()))
     assert c.stats.generated_tokens == 5
-    c.close()  # frees the cache; the next turn re-runs the held history
+    held = len(c.token_ids)
+    c.close()  # unpins the KV; it stays in the shared cache until evicted
     c.add_message("user", "Go on.")
     collect(c.generate(SamplingParams(max_tokens=5), no_cancel()))
-    assert c.stats.cached_tokens == 0
+    assert c.stats.cached_tokens == held - 1  # re-matched from the radix cache
     _check_last_turn(smollm_engine, c)
 
 

@@ -80,3 +80,31 @@ def test_config_validation() -> None:
         ModelConfig(arch="gpt2", n_layers=1, n_heads=2, n_kv_heads=1, hidden=8, intermediate=16,
                     vocab_size=10, rope_theta=1e4, rms_eps=1e-5, tie_embeddings=True,
                     context_length=16)
+
+
+@pytest.mark.parametrize(("n", "layout"), [(16, "contiguous"), (1, "contiguous"), (5, "new only"),
+                                           (12, "pages"), (3, "scattered")])
+def test_prefill_attention_over_pages_equals_a_gathered_masked_attention(
+    n: int, layout: str
+) -> None:
+    from voicepipe.llm.model import MAX_RUNS, _attention, _causal_mask, prefill_attention, slot_runs
+
+    g = torch.Generator().manual_seed(n)
+    h_q, h_kv, d, pool = 6, 2, 16, 4096
+    k_pool, v_pool = torch.randn(pool, h_kv, d, generator=g), torch.randn(pool, h_kv, d, generator=g)
+    if layout == "contiguous":
+        slots = torch.arange(100, 900)
+    elif layout == "new only":
+        slots = torch.arange(7, 7 + n)
+    elif layout == "pages":  # pages of 8 in shuffled order: a few runs, attended in place
+        pages = torch.randperm(pool // 8, generator=g)[:MAX_RUNS - 4]
+        slots = (pages[:, None] * 8 + torch.arange(8)).flatten()
+    else:  # more runs than MAX_RUNS: the history is gathered once
+        slots = torch.randperm(pool, generator=g)[:500]
+    history = slot_runs(slots[: len(slots) - n])
+    assert (layout != "scattered") == (len(history) <= MAX_RUNS)
+    q = torch.randn(n, h_q, d, generator=g)
+    expected = _attention(q, k_pool[slots].transpose(0, 1), v_pool[slots].transpose(0, 1),
+                          _causal_mask(n, len(slots), h_q // h_kv, q.device))
+    got = prefill_attention(q, k_pool, v_pool, slots, history)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

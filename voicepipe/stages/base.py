@@ -9,8 +9,9 @@ Audio crossing these interfaces is mono float32 in [-1, 1] at the rate the stage
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,6 +70,8 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the context
+    stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
 
 
 @dataclass
@@ -83,6 +86,12 @@ class Conversation(Protocol):
 
     def add_message(self, role: str, text: str) -> None:
         """Append a 'user', 'assistant' or 'system' message (not yet run through the model)."""
+
+    def prefill(self) -> int:
+        """Run the pending messages through the model without generating (a speculative
+        transcript while the endpoint is undecided) and return the number of tokens run. A
+        following `generate` on unchanged messages starts at once; a changed or deleted message
+        rolls the cache back to the common prefix."""
 
     def generate(
         self, params: SamplingParams, cancel: threading.Event
