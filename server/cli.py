@@ -27,7 +27,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  
             default = ",".join(default)
         ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                         metavar=f.name.upper(),
-                        help=f"{f.metadata['help']} (default: {default!r})")
+                        help=f"{f.metadata['help']} (default: {default!r})".replace("%", "%%"))
     return ap
 
 

