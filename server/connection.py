@@ -57,7 +57,6 @@ class Connection:
         self.on_fatal = on_fatal
         self.api_key: str | None = None
         self.metrics = ServerMetrics()  # the App sets its own
-        self.max_message_bytes = config.max_message_bytes
         self.session = s.Session(dialect=dialect, max_buffer_s=config.max_input_buffer_s,
                                  partial_interval_ms=config.partial_interval_ms,
                                  max_response_tokens=config.max_response_tokens,
@@ -73,7 +72,6 @@ class Connection:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cancels: dict[str, threading.Event] = {}
         self._loop = asyncio.get_running_loop()
-        self.closed = False
         self._queued_bytes = 0  # bytes waiting in the outbox: bounded by max_send_buffer_bytes
         self._rate_tokens = 2.0 * config.max_events_per_s  # token bucket of client events
         self._rate_at = time.monotonic()
@@ -96,7 +94,6 @@ class Connection:
             if not _is_closed_error(exc):
                 raise
         finally:
-            self.closed = True
             for ev in self._cancels.values():
                 ev.set()
             for task in list(self._tasks):
@@ -146,15 +143,15 @@ class Connection:
             self._send_error("unsupported", "binary frames are not enabled; send "
                              "input_audio_buffer.append, or enable session.voicepipe.binary_audio")
             return
-        if len(message) > self.max_message_bytes:
+        if len(message) > self.config.max_message_bytes:
             self._send_error("message_too_large", f"message of {len(message)} bytes exceeds "
-                             f"the limit of {self.max_message_bytes} bytes")
+                             f"the limit of {self.config.max_message_bytes} bytes")
             return
         if isinstance(message, bytes):
             await self._audio(message, None, now)
             return
         try:
-            event = p.parse_client_event(message, max_bytes=self.max_message_bytes)
+            event = p.parse_client_event(message, max_bytes=self.config.max_message_bytes)
         except p.ProtocolError as exc:
             self.metrics.error(exc.code)
             self._queue_send(json.dumps(exc.to_event()), None)
