@@ -6,9 +6,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from voicepipe.server.cli import main
 
 from voicepipe import config as cfg
-from voicepipe.server.cli import main
 
 
 def test_precedence(tmp_path: Path) -> None:

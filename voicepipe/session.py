@@ -483,8 +483,7 @@ class Session:
 
     def transcript(self, item_id: str, text: str, *, final: bool, key: int, now: float) -> None:
         """The result of a `Transcribe` action."""
-        turn = self._turn if self._turn and self._turn.item_id == item_id else next(
-            (t for t in self._pending_finals if t.item_id == item_id), None)
+        turn = self._turn_of(item_id)
         if turn is None:
             return
         if not final:
@@ -515,8 +514,7 @@ class Session:
                              now: float) -> None:
         """A `Transcribe` action failed. A failed partial is forgotten; a failed final ends
         the user's item without a transcript and without a response."""
-        turn = self._turn if self._turn and self._turn.item_id == item_id else next(
-            (t for t in self._pending_finals if t.item_id == item_id), None)
+        turn = self._turn_of(item_id)
         if turn is None:
             return
         if not final:
@@ -536,6 +534,12 @@ class Session:
                                                "code": "transcription_failed",
                                                "message": message})
         self._response_wanted = None
+
+    def _turn_of(self, item_id: str) -> UserTurn | None:
+        """The user turn being captured or awaiting its transcript, by its item id."""
+        if self._turn is not None and self._turn.item_id == item_id:
+            return self._turn
+        return next((t for t in self._pending_finals if t.item_id == item_id), None)
 
     def _finish_transcript(self, turn: UserTurn) -> None:
         assert turn.final_text is not None and turn.final_at is not None

@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
 
 def test_engine_bench_prints_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from voicepipe.bench import engine as bench

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from voicepipe.testing import unavailable
+
 READY = re.compile(r"voicepipe is ready: open (http://\S+)")
 
 
@@ -157,7 +159,7 @@ class LlamaServer:
 @pytest.fixture(scope="session")
 def llama() -> Iterator[LlamaServer]:
     if not _has_llama_server():
-        pytest.skip("llama-cpp-python[server] is not installed")
+        unavailable("llama-cpp-python[server] is not installed")
     from voicepipe import models
 
     server = LlamaServer(str(models.resolve("smollm2-135m-instruct-q4_1")), free_port())
@@ -232,5 +234,5 @@ def nginx_bin() -> str:
     path = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)), None)
     if path is None:
-        pytest.skip("nginx is not installed (apt-get install -y nginx)")
+        unavailable("nginx is not installed (apt-get install -y nginx)")
     return path

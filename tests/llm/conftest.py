@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from voicepipe.models import ModelError, resolve
+from voicepipe.testing import unavailable
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +17,7 @@ def smollm_path() -> Path:
     try:
         return resolve("smollm2-135m-instruct-q4_1")
     except ModelError as exc:
-        pytest.skip(str(exc))
+        unavailable(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import torch
 
 from voicepipe.llm.engine import Engine, sample
 from voicepipe.stages.base import SamplingParams
+from voicepipe.testing import unavailable
 
 from .tiny import collect, no_cancel, reference_model, write_hf_folder
 
@@ -206,7 +207,7 @@ def test_qwen_answers_the_capital_of_france() -> None:
     try:
         engine = Engine.load("qwen2.5-0.5b-instruct-q4_k_m")
     except ModelError as exc:
-        pytest.skip(str(exc))
+        unavailable(str(exc))
     info = engine.info()
     assert info["arch"] == "qwen2" and info["layers"] == 24
     c = engine.new_conversation("You are a helpful assistant.")

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from voicepipe.server.app import App, bound_port
 
 from voicepipe.audio import float_to_pcm16
 from voicepipe.config import ServerConfig
 from voicepipe.stages.base import Stages
 from voicepipe.stages.scripted import ScriptedASR, ScriptedLLM, ScriptedTTS
+from voicepipe.testing import unavailable
 from voicepipe.testing.speech import espeak_pcm
 
 RATE = 24000
@@ -88,10 +88,10 @@ async def browser_page(mic_wav: Path | None, *, loop: bool = False,
 
     Without a WAV the fake microphone beeps; `deny_microphone` answers the permission prompt
     with "block"."""
-    playwright = pytest.importorskip("playwright.async_api")
+    import playwright.async_api as playwright  # the dev extra installs it
     exe = chromium_path()
     if exe is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+        unavailable("chromium is not installed (apt-get install chromium)")
     args = list(CHROMIUM_ARGS)
     if deny_microphone:
         args = [a for a in args if a != "--use-fake-ui-for-media-stream"]

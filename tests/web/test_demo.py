@@ -17,6 +17,7 @@ import pytest
 
 from voicepipe import session as vs
 from voicepipe.stages.scripted import REPLY, ScriptedLLM, ScriptedTTS
+from voicepipe.testing import unavailable
 
 from .harness import ARTIFACTS, RATE, browser_page, scripted_server, speech, write_wav
 
@@ -163,7 +164,7 @@ async def test_denied_microphone_is_explained() -> None:
 def test_client_module_unit_tests_under_node() -> None:
     node = shutil.which("node")
     if node is None:
-        pytest.skip("node is not installed")
+        unavailable("node is not installed")
     files = sorted(str(p) for p in (WEB / "test").glob("*.test.mjs"))
     proc = subprocess.run([node, "--test", *files], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
