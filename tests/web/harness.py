@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 from voicepipe.server.app import App, bound_port
 
-from voicepipe.audio import float_to_pcm16
 from voicepipe.config import ServerConfig
 from voicepipe.stages.base import Stages
 from voicepipe.stages.scripted import ScriptedASR, ScriptedLLM, ScriptedTTS
 from voicepipe.testing import unavailable
 from voicepipe.testing.speech import espeak_pcm
+from voicepipe.testing.speech import write_wav as speech_wav
 
 RATE = 24000
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -48,16 +48,9 @@ def silero():  # type: ignore[no-untyped-def]
 
 def write_wav(path: Path, parts: list[np.ndarray | float]) -> Path:
     """A mono PCM16 WAV of speech arrays and silences (floats, in seconds)."""
-    import wave
-
     audio = np.concatenate([np.zeros(int(p * RATE), np.float32) if isinstance(p, float) else p
                             for p in parts])
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(RATE)
-        wav.writeframes(float_to_pcm16(audio))
-    return path
+    return speech_wav(path, audio, RATE)
 
 
 @functools.cache

@@ -54,7 +54,11 @@ def espeak_wav(
     text: str, path: str | Path, rate: int = 24000, voice: str = "en-us"
 ) -> Path:
     """Write `text` spoken by espeak-ng to a mono PCM16 WAV file at `rate`."""
-    audio = espeak_pcm(text, rate, voice)
+    return write_wav(path, espeak_pcm(text, rate, voice), rate)
+
+
+def write_wav(path: str | Path, audio: np.ndarray, rate: int) -> Path:
+    """Write float32 mono audio to a PCM16 WAV file."""
     path = Path(path)
     with wave.open(str(path), "wb") as wav:
         wav.setnchannels(1)
