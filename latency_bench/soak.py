@@ -31,6 +31,7 @@ class SoakResult:
     turns: int = 0
     errors: list[str] = field(default_factory=list)
     overhead_ms: list[float] = field(default_factory=list)
+    server_ms: list[float] = field(default_factory=list)  # endpoint -> first_byte_sent
     rss_warm: int = 0
     rss_end: int = 0
     tasks_before: int = 0
@@ -56,6 +57,11 @@ class SoakResult:
             rows.append(("endpoint -> first byte at client",
                          f"p50 {percentile(oh, 50):.2f} ms, p90 {percentile(oh, 90):.2f} ms, "
                          f"max {max(oh):.2f} ms"))
+        sv = self.server_ms
+        if sv:
+            rows.append(("  of which in the server",
+                         f"p50 {percentile(sv, 50):.2f} ms, p90 {percentile(sv, 90):.2f} ms, "
+                         f"max {max(sv):.2f} ms"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -81,7 +87,10 @@ async def _user(url: str, speech: Any, deadline: float, result: SoakResult,
                     result.errors.append(f"response {turn.response_status}")
                     continue
                 result.turns += 1
-                endpoint = turn.timings.get("marks", {}).get("endpoint")
+                marks = turn.timings.get("marks", {})
+                endpoint = marks.get("endpoint")
+                if endpoint and marks.get("first_byte_sent"):
+                    result.server_ms.append((marks["first_byte_sent"] - endpoint) * 1000.0)
                 first = next((ev for ev in turn.events
                               if ev.type == "response.output_audio.delta"), None)
                 if endpoint and first is not None:

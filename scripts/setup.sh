@@ -15,11 +15,12 @@ torch_spec=${VOICEPIPE_TORCH:-torch==2.13.0}
 
 say() { printf '[setup] %s\n' "$*"; }
 
-# Test speech (espeak-ng, sox), a real browser for the demo's tests (chromium), Node.js for the
-# JS client's unit tests and nginx for the replica test.
+# Test speech (espeak-ng, sox), real browsers for the demo's tests (chromium, firefox-esr),
+# Node.js for the JS client's unit tests and nginx for the replica test.
 if [ "$dev" = 1 ]; then
     missing=""
-    for cmd in espeak-ng:espeak-ng sox:sox chromium:chromium node:nodejs nginx:nginx; do
+    for cmd in espeak-ng:espeak-ng sox:sox chromium:chromium firefox-esr:firefox-esr node:nodejs \
+               nginx:nginx; do
         command -v "${cmd%%:*}" >/dev/null || missing="$missing ${cmd#*:}"
     done
     if [ -n "$missing" ]; then

@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 from voicepipe import protocol as p
 from voicepipe.config import ServerConfig
 from voicepipe.stages.base import Stages
+from voicepipe.stages.batching import VADBatcher
 
 from .connection import Connection
 from .metrics import ServerMetrics
@@ -55,6 +56,15 @@ class App:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage"))
+    _vad_batcher: VADBatcher | None = field(default=None, init=False, repr=False)
+
+    @property
+    def vad_batcher(self) -> VADBatcher:
+        """One thread runs every session's VAD frames, batched (made for the loaded stages)."""
+        assert self.stages is not None
+        if self._vad_batcher is None or self._vad_batcher.vad is not self.stages.vad:
+            self._vad_batcher = VADBatcher(self.stages.vad)
+        return self._vad_batcher
 
     # ---- HTTP --------------------------------------------------------------------------------
 
@@ -157,7 +167,7 @@ class App:
         dialect = p.dialect_from_header(ws.request.headers.get("OpenAI-Beta") if ws.request
                                         else None)
         conn = Connection(ws, self.stages, self.config, executor=self.executor,
-                          dialect=dialect, on_fatal=self.stage_failed)
+                          vad_batcher=self.vad_batcher, dialect=dialect, on_fatal=self.stage_failed)
         conn.api_key = self.api_key_of(ws.request.headers) if ws.request else None
         conn.metrics = self.metrics
         self.sessions.add(conn)
@@ -185,6 +195,12 @@ class App:
             await asyncio.sleep(0.05)
         await asyncio.gather(*(c.ws.close(1001, "server shutting down")
                                for c in list(self.sessions)), return_exceptions=True)
+
+    def close(self) -> None:
+        """Release the worker threads once the server is closed."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._vad_batcher is not None:
+            self._vad_batcher.close()
 
     async def load(self, loader: Callable[[], Stages]) -> None:
         try:
@@ -260,7 +276,7 @@ async def run(config: ServerConfig, loader: Callable[[], Stages],
         server.close(close_connections=False)  # stop listening; sessions go on for now
         await app.shutdown(config.shutdown_grace_s)
         await server.wait_closed()
-        app.executor.shutdown(wait=False, cancel_futures=True)
+        app.close()
 
 
 mimetypes.add_type("text/javascript", ".js")

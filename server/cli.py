@@ -10,6 +10,8 @@ import time
 
 from voicepipe import config as cfg
 
+GIL_SWITCH_S = 0.0005
+
 
 def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     ap = sub.add_parser(
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from voicepipe.server.app import run
     from voicepipe.server.stages import load_stages
 
+    # The event loop carries every session's audio; a stage thread holding the GIL should hand
+    # it back within half a millisecond, not Python's default 5 ms.
+    sys.setswitchinterval(GIL_SWITCH_S)
     try:
         import uvloop
 

@@ -10,10 +10,12 @@ requested during a reply applies to that reply once it has stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -26,6 +28,7 @@ from voicepipe import session as s
 from voicepipe.config import ServerConfig
 from voicepipe.phrases import PhraseChunker
 from voicepipe.stages.base import SamplingParams, Stages
+from voicepipe.stages.batching import VADBatcher
 from voicepipe.turns import RATE
 
 from .metrics import ServerMetrics
@@ -41,6 +44,65 @@ class StageFailure(Exception):
         self.exc = exc
 
 
+class Lane:
+    """Runs a session's conversation updates one at a time, in order, on the shared thread pool.
+
+    There is no task of its own: the pool thread that finishes one function takes the next, and
+    each result reaches the event loop with one `call_soon_threadsafe`. (A queue drained by a
+    task would cost a loop wake-up for every item, on the path from end of turn to reply.)"""
+
+    def __init__(self, executor: Executor, loop: asyncio.AbstractEventLoop) -> None:
+        self._executor = executor
+        self._loop = loop
+        self._items: deque[tuple[Callable[[], Any], asyncio.Future[Any]]] = deque()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Queue `fn`; called on the event loop. The future gets its result or exception."""
+        fut: asyncio.Future[T] = self._loop.create_future()
+        with self._lock:
+            self._items.append((fn, fut))
+            if self._running:
+                return fut
+            self._running = True
+        try:
+            self._executor.submit(self._drain)
+        except RuntimeError as exc:  # the pool is shut down: the server is closing
+            with self._lock:
+                items, self._running = list(self._items), False
+                self._items.clear()
+            for _, f in items:
+                if not f.done():
+                    f.set_exception(exc)
+        return fut
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._items:
+                    self._running = False
+                    return
+                fn, fut = self._items.popleft()
+            try:
+                outcome: tuple[Any, BaseException | None] = (fn(), None)
+            except Exception as exc:  # reported to whoever waits on it
+                outcome = (None, exc)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(_resolve, fut, *outcome)
+
+
+def _resolve(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():  # cancelled meanwhile
+        if exc is not None:
+            log.error("conversation update failed", exc_info=exc)
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
 def is_fatal(exc: BaseException) -> bool:
     """Failures that will not heal by themselves: out of memory, on the host or a device."""
     return isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
@@ -48,12 +110,13 @@ def is_fatal(exc: BaseException) -> bool:
 
 class Connection:
     def __init__(self, ws: Any, stages: Stages, config: ServerConfig, *, executor: Executor,
-                 dialect: p.Dialect,
+                 vad_batcher: VADBatcher, dialect: p.Dialect,
                  on_fatal: Callable[[str, BaseException], None] | None = None) -> None:
         self.ws = ws
         self.stages = stages
         self.config = config
         self.executor = executor
+        self.vad_batcher = vad_batcher
         self.on_fatal = on_fatal
         self.api_key: str | None = None
         self.metrics = ServerMetrics()  # the App sets its own
@@ -67,8 +130,7 @@ class Connection:
         self._pending = np.zeros(0, np.float32)
         self._resampler = au.Resampler(self.session.config.input_format.rate, RATE)
         self._outbox: asyncio.Queue[tuple[str | bytes, str | None]] = asyncio.Queue()
-        self._lane: asyncio.Queue[tuple[Callable[[], Any], asyncio.Future[Any]]] = (
-            asyncio.Queue())
+        self._lane = Lane(executor, asyncio.get_running_loop())
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cancels: dict[str, threading.Event] = {}
         self._loop = asyncio.get_running_loop()
@@ -83,7 +145,6 @@ class Connection:
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer())
-        lane = asyncio.create_task(self._lane_worker())
         watchdog = asyncio.create_task(self._idle_watchdog())
         self.session.start()
         self._process()
@@ -102,8 +163,7 @@ class Connection:
             writer.cancel()
             watchdog.cancel()
             await self._run_in_lane(self.conversation.close)
-            lane.cancel()
-            await asyncio.gather(writer, lane, watchdog, return_exceptions=True)
+            await asyncio.gather(writer, watchdog, return_exceptions=True)
             self._pending = np.zeros(0, np.float32)
 
     def _admit(self) -> bool:
@@ -178,8 +238,7 @@ class Connection:
         frames = x[:n].reshape(-1, self._frame)
         probs: list[float | None]
         if self.session.vad_enabled:
-            probs = list(await self._loop.run_in_executor(
-                self.executor, lambda: [self.vad.process(f) for f in frames]))
+            probs = (await self.vad_batcher.submit(self.vad, frames)).tolist()
         else:
             probs = [None] * len(frames)
         now = time.time()
@@ -202,7 +261,7 @@ class Connection:
                 self._spawn(self._transcribe(action))
             elif isinstance(action, s.StartResponse):
                 self._cancels[action.response_id] = threading.Event()
-                self._spawn(self._respond(action))
+                self._spawn(self._respond(action))  # starts the LLM before it returns
             elif isinstance(action, s.CancelResponse):
                 if action.response_id in self._cancels:
                     self._cancels[action.response_id].set()
@@ -269,26 +328,10 @@ class Connection:
     # ---- the conversation lane ---------------------------------------------------------------
 
     def _lane_nowait(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        fut: asyncio.Future[T] = self._loop.create_future()
-        self._lane.put_nowait((fn, fut))
-        return fut
+        return self._lane.submit(fn)
 
     async def _run_in_lane(self, fn: Callable[[], T]) -> T:
         return await self._lane_nowait(fn)
-
-    async def _lane_worker(self) -> None:
-        while True:
-            fn, fut = await self._lane.get()
-            try:
-                result = await self._loop.run_in_executor(self.executor, fn)
-            except Exception as exc:  # reported to whoever waits on it
-                if not fut.done():
-                    fut.set_exception(exc)
-                else:
-                    log.exception("session %s: conversation update failed", self.session.id)
-                continue
-            if not fut.done():
-                fut.set_result(result)
 
     # ---- stage work --------------------------------------------------------------------------
 
@@ -324,7 +367,9 @@ class Connection:
         else:
             log.error("session %s: %s", self.session.id, failure)
 
-    async def _respond(self, a: s.StartResponse) -> None:
+    def _respond(self, a: s.StartResponse) -> Awaitable[None]:
+        """Put the reply's generation on the lane now, not when a task first runs (one loop
+        iteration sooner), and return the coroutine that speaks it."""
         cancel = self._cancels[a.response_id]
         deltas: asyncio.Queue[str | None] = asyncio.Queue()
         conv = self.conversation
@@ -349,6 +394,12 @@ class Connection:
                 loop.call_soon_threadsafe(deltas.put_nowait, None)
 
         generation = self._lane_nowait(generate)
+        return self._speak_reply(a, cancel, generation, deltas, speculative_of=lambda: speculative)
+
+    async def _speak_reply(self, a: s.StartResponse, cancel: threading.Event,
+                           generation: asyncio.Future[None], deltas: asyncio.Queue[str | None],
+                           speculative_of: Callable[[], int]) -> None:
+        conv = self.conversation
         chunker = PhraseChunker()
         error: str | None = None
         # The chunker trims whitespace; the transcript sent must stay a prefix of the text the
@@ -384,6 +435,7 @@ class Connection:
             cancel.set()
             await asyncio.gather(generation, return_exceptions=True)
         stats = conv.stats
+        speculative = speculative_of()  # set by the generation, which has ended
         self._cancels.pop(a.response_id, None)
         # A turn's figures count its speculatively prefilled tokens as prefilled, not cached.
         self.session.response_finished(

@@ -45,6 +45,7 @@ function say(text, error = false) {
 
 async function start() {
   wanted = true;
+  retryDelay = 1;
   $("connect").textContent = "Disconnect";
   $("connect").className = "stop";
   say("");
@@ -66,8 +67,11 @@ async function start() {
   say("Connected. Speak, then pause.");
 }
 
-/** Open the socket (first time or reconnect); false when it failed and nothing is retried. */
-async function open() {
+/**
+ * Open the socket (first time, or `reconnecting` after a drop); false when it failed. A first
+ * connect that fails is explained and not retried, unless the server is still loading.
+ */
+async function open(reconnecting = false) {
   setState("connecting");
   const c = new RealtimeClient($("url").value, { apiKey: $("key").value || null,
                                                  sampleRate: RATE, player });
@@ -77,7 +81,7 @@ async function open() {
   } catch (_) {
     if (!wanted) return false;
     const why = await diagnose($("url").value);
-    if (counters.reconnects > 0 || why.retry) {
+    if (reconnecting || why.retry) {
       scheduleRetry(why.text);
     } else {
       fail(why.text);
@@ -126,7 +130,7 @@ function scheduleRetry(why) {
   retry = setTimeout(async () => {
     retry = null;
     counters.reconnects++;
-    if (wanted && (await open())) {
+    if (wanted && (await open(true))) {
       setState("listening");
       say("Reconnected. The server started a new conversation.");
     }

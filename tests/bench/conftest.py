@@ -26,4 +26,4 @@ async def scripted_url() -> AsyncIterator[str]:
     finally:
         server.close()
         await server.wait_closed()
-        app.executor.shutdown(wait=False, cancel_futures=True)
+        app.close()

@@ -60,7 +60,7 @@ async def scripted(request: pytest.FixtureRequest) -> AsyncIterator[Running]:
     finally:
         server.close()
         await server.wait_closed()
-        running.app.executor.shutdown(wait=False, cancel_futures=True)
+        running.app.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:

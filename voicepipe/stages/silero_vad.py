@@ -4,9 +4,16 @@ The v5/v6 model is stateful: each call takes the new 512-sample frame prefixed w
 64 samples of the previous frame (`input` [1, 576]), the recurrent `state` [2, 1, 128] and the
 rate `sr`, and returns the speech probability and the next state. The streams keep context and
 state; the session is shared, and ONNX Runtime's `run` is safe to call from several threads.
+
+`process_batch` runs one frame of each of many streams in a single call (`input` [B, 576],
+`state` [2, B, 128]): the per-call cost dominates at one frame, so a server batches the frames of
+all its sessions (see `voicepipe.stages.batching`). A batch gives each stream exactly the
+probability and next state it would get alone.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -26,16 +33,7 @@ class SileroVADStream:
         self._state = np.zeros((2, 1, 128), dtype=np.float32)
 
     def process(self, frame: np.ndarray) -> float:
-        n = self._vad.frame_samples
-        if frame.shape != (n,):
-            raise StageError("vad", f"frame must have shape ({n},), got {frame.shape}")
-        buf = self._input
-        buf[0, :_CONTEXT] = buf[0, n:]  # the last 64 samples of the previous frame
-        buf[0, _CONTEXT:] = frame
-        prob, self._state = self._vad._session.run(
-            None, {"input": buf, "state": self._state, "sr": self._vad._sr}
-        )
-        return float(prob[0, 0])
+        return float(self._vad.process_batch([self], [frame])[0])
 
     def reset(self) -> None:
         self._input[:] = 0.0
@@ -60,3 +58,25 @@ class SileroVAD:
 
     def new_stream(self) -> SileroVADStream:
         return SileroVADStream(self)
+
+    def process_batch(self, streams: Sequence[SileroVADStream],
+                      frames: Sequence[np.ndarray]) -> np.ndarray:
+        """The next frame of each of several distinct streams in one model call: their speech
+        probabilities [B], with each stream's context and state advanced."""
+        n = self.frame_samples
+        b = len(streams)
+        if len(frames) != b or len({id(s) for s in streams}) != b:
+            raise StageError("vad", "process_batch takes one frame for each of distinct streams")
+        x = np.empty((b, _CONTEXT + n), dtype=np.float32)
+        state = np.empty((2, b, 128), dtype=np.float32)
+        for i, (stream, frame) in enumerate(zip(streams, frames, strict=True)):
+            if frame.shape != (n,):
+                raise StageError("vad", f"frame must have shape ({n},), got {frame.shape}")
+            x[i, :_CONTEXT] = stream._input[0, n:]  # the last 64 samples of its previous frame
+            x[i, _CONTEXT:] = frame
+            state[:, i] = stream._state[:, 0]
+        prob, state = self._session.run(None, {"input": x, "state": state, "sr": self._sr})
+        for i, stream in enumerate(streams):
+            stream._input[0] = x[i]
+            stream._state = state[:, i : i + 1].copy()
+        return prob[:, 0].astype(np.float32)
