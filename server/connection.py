@@ -249,42 +249,53 @@ class Connection:
     # ---- actions -----------------------------------------------------------------------------
 
     def _process(self) -> None:
+        """Carry out the session's actions. Stage work starts first and the events are encoded
+        after it, so a reply's LLM is already running while its events are serialized; both
+        kinds keep their own order (the lane's order, and what the client receives)."""
+        outgoing: list[s.SendEvent | s.SendAudio] = []
         for action in self.session.actions():
+            if isinstance(action, (s.SendEvent, s.SendAudio)):
+                outgoing.append(action)
+            else:
+                self._start(action)
+        for action in outgoing:
             if isinstance(action, s.SendEvent):
                 ev = action.event
                 audio_of = ev.get("response_id") if ev["type"].endswith("audio.delta") else None
                 self.metrics.event(ev)
                 self._queue_send(json.dumps(ev), audio_of)
-            elif isinstance(action, s.SendAudio):
+            else:
                 self._queue_send(action.data, action.response_id)
-            elif isinstance(action, s.Transcribe):
-                self._spawn(self._transcribe(action))
-            elif isinstance(action, s.StartResponse):
-                self._cancels[action.response_id] = threading.Event()
-                self._spawn(self._respond(action))  # starts the LLM before it returns
-            elif isinstance(action, s.CancelResponse):
-                if action.response_id in self._cancels:
-                    self._cancels[action.response_id].set()
-            elif isinstance(action, s.AddMessage):
-                self._lane_nowait(lambda a=action, c=self.conversation: c.add_message(a.role, a.text))
-            elif isinstance(action, s.Prefill):
-                self._lane_nowait(lambda a=action: self._prefill(a))
-            elif isinstance(action, s.TruncateMessage):
-                self._lane_nowait(lambda a=action, c=self.conversation: c.truncate_last_assistant(a.kept_text))
-            elif isinstance(action, s.DeleteMessage):
-                self._lane_nowait(lambda a=action: self._forget_speculation(a.item_id))
-                self._lane_nowait(lambda a=action, c=self.conversation: c.delete_message(a.index))
-            elif isinstance(action, s.SetInstructions):
-                self._lane_nowait(lambda a=action, c=self.conversation: c.set_instructions(a.text))
-            elif isinstance(action, s.SessionChanged):
-                rate = self.session.config.input_format.rate
-                self._resampler = au.Resampler(rate, RATE)
-                self._pending = np.zeros(0, np.float32)
-                self.vad.reset()
-            elif isinstance(action, s.TurnFinished):
-                log.info("turn %s %s %s", action.response_id, action.status,
-                         action.timings.log_line())
-                self.metrics.turn_finished(action.timings, action.status, action.response_id)
+
+    def _start(self, action: s.Action) -> None:
+        if isinstance(action, s.Transcribe):
+            self._spawn(self._transcribe(action))
+        elif isinstance(action, s.StartResponse):
+            self._cancels[action.response_id] = threading.Event()
+            self._spawn(self._respond(action))  # starts the LLM before it returns
+        elif isinstance(action, s.CancelResponse):
+            if action.response_id in self._cancels:
+                self._cancels[action.response_id].set()
+        elif isinstance(action, s.AddMessage):
+            self._lane_nowait(lambda a=action, c=self.conversation: c.add_message(a.role, a.text))
+        elif isinstance(action, s.Prefill):
+            self._lane_nowait(lambda a=action: self._prefill(a))
+        elif isinstance(action, s.TruncateMessage):
+            self._lane_nowait(lambda a=action, c=self.conversation: c.truncate_last_assistant(a.kept_text))
+        elif isinstance(action, s.DeleteMessage):
+            self._lane_nowait(lambda a=action: self._forget_speculation(a.item_id))
+            self._lane_nowait(lambda a=action, c=self.conversation: c.delete_message(a.index))
+        elif isinstance(action, s.SetInstructions):
+            self._lane_nowait(lambda a=action, c=self.conversation: c.set_instructions(a.text))
+        elif isinstance(action, s.SessionChanged):
+            rate = self.session.config.input_format.rate
+            self._resampler = au.Resampler(rate, RATE)
+            self._pending = np.zeros(0, np.float32)
+            self.vad.reset()
+        elif isinstance(action, s.TurnFinished):
+            log.info("turn %s %s %s", action.response_id, action.status,
+                     action.timings.log_line())
+            self.metrics.turn_finished(action.timings, action.status, action.response_id)
 
     def _send_error(self, code: str, message: str, event_id: str | None = None) -> None:
         err = p.ProtocolError(code, message, event_id=event_id)
@@ -368,64 +379,100 @@ class Connection:
             log.error("session %s: %s", self.session.id, failure)
 
     def _respond(self, a: s.StartResponse) -> Awaitable[None]:
-        """Put the reply's generation on the lane now, not when a task first runs (one loop
-        iteration sooner), and return the coroutine that speaks it."""
+        """Start the reply on the conversation lane and return the coroutine that ends it.
+
+        One lane function streams the LLM, cuts the text into phrases and synthesizes each
+        phrase, so the path from the endpoint to the first audio crosses from the event loop to
+        a thread once and back once. The TTS runs in the thread that reads the LLM's tokens:
+        the engine's scheduler keeps decoding (for every session) meanwhile, and the first
+        phrase's audio goes before more text, as the priorities in DESIGN.md ask."""
         cancel = self._cancels[a.response_id]
-        deltas: asyncio.Queue[str | None] = asyncio.Queue()
         conv = self.conversation
         params = SamplingParams(max_tokens=a.max_tokens or 256,
                                 temperature=self.session.config.temperature)
+        fmt = self.session.config.output_format  # fixed for the whole reply
+        tts = self.stages.tts
         loop = self._loop
-
+        rid = a.response_id
         speculative = 0  # tokens of this turn prefilled before the endpoint
 
-        def generate() -> None:
+        def post(fn: Callable[..., None], *args: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+                loop.call_soon_threadsafe(fn, *args)
+
+        def speak(text: str, transcript: str) -> None:
+            """One phrase; `transcript` is its exact slice of the reply text."""
+            if cancel.is_set():
+                return
+            if not a.audio or not text:
+                post(self._phrase_ready, rid, transcript, None, 0.0, time.time())
+                return
+            try:
+                wave = tts.synthesize(text)
+                if tts.sample_rate != fmt.rate:
+                    wave = au.resample(wave, tts.sample_rate, fmt.rate)
+                data = au.encode_output(wave, fmt.encoding)
+            except Exception as exc:
+                raise StageFailure("tts", exc) from exc
+            post(self._phrase_ready, rid, transcript, data, len(wave) * 1000.0 / fmt.rate,
+                 time.time())
+
+        def run() -> None:
             nonlocal speculative
             if self._speculative is not None:
                 speculative, self._speculative = self._speculative[1], None
+            chunker = PhraseChunker()
+            # The chunker trims whitespace; the transcript sent must stay a prefix of the text
+            # the LLM holds (a barge-in cuts both at the same place), so phrases are mapped
+            # back onto the raw reply text.
+            reply, consumed = "", 0
+
+            def raw(phrase: str) -> str:
+                nonlocal consumed
+                i = reply.find(phrase, consumed)
+                if i < 0:
+                    return phrase
+                piece, consumed = reply[consumed:i + len(phrase)], i + len(phrase)
+                return piece
+
             last: float | None = None
+            deltas = conv.generate(params, cancel)
             try:
-                for delta in conv.generate(params, cancel):
+                while True:
+                    try:
+                        delta = next(deltas, None)
+                    except Exception as exc:
+                        raise StageFailure("llm", exc) from exc
+                    if delta is None:
+                        break
                     last = self.metrics.token(last)
-                    loop.call_soon_threadsafe(deltas.put_nowait, delta)
-            except Exception as exc:
-                raise StageFailure("llm", exc) from exc
-            finally:
-                loop.call_soon_threadsafe(deltas.put_nowait, None)
-
-        generation = self._lane_nowait(generate)
-        return self._speak_reply(a, cancel, generation, deltas, speculative_of=lambda: speculative)
-
-    async def _speak_reply(self, a: s.StartResponse, cancel: threading.Event,
-                           generation: asyncio.Future[None], deltas: asyncio.Queue[str | None],
-                           speculative_of: Callable[[], int]) -> None:
-        conv = self.conversation
-        chunker = PhraseChunker()
-        error: str | None = None
-        # The chunker trims whitespace; the transcript sent must stay a prefix of the text the
-        # LLM holds (a barge-in cuts both at the same place), so phrases are mapped back onto
-        # the raw reply text.
-        reply, consumed = "", 0
-
-        def raw(phrase: str) -> str:
-            nonlocal consumed
-            i = reply.find(phrase, consumed)
-            if i < 0:
-                return phrase
-            piece, consumed = reply[consumed:i + len(phrase)], i + len(phrase)
-            return piece
-
-        try:
-            while (delta := await deltas.get()) is not None:
-                if not reply:
-                    self.session.token(a.response_id, time.time())
-                reply += delta
-                for phrase in chunker.push(delta):
-                    await self._speak(a, phrase, raw(phrase), cancel)
-            await generation  # raises if the LLM failed
+                    if not reply:
+                        post(self.session.token, rid, time.time())
+                    reply += delta
+                    for phrase in chunker.push(delta):
+                        speak(phrase, raw(phrase))
+            finally:  # a failed TTS ends the LLM's request now, not when the generator is freed
+                close = getattr(deltas, "close", None)
+                if close is not None:
+                    close()
             if not cancel.is_set():
                 for phrase in chunker.flush():
-                    await self._speak(a, phrase, raw(phrase), cancel)
+                    speak(phrase, raw(phrase))
+
+        generation = self._lane_nowait(run)
+        return self._end_reply(a, cancel, generation, lambda: speculative)
+
+    def _phrase_ready(self, response_id: str, transcript: str, data: bytes | None, ms: float,
+                      when: float) -> None:
+        self.session.phrase(response_id, transcript, data, ms, when)
+        self._process()
+
+    async def _end_reply(self, a: s.StartResponse, cancel: threading.Event,
+                         generation: asyncio.Future[None],
+                         speculative_of: Callable[[], int]) -> None:
+        error: str | None = None
+        try:
+            await generation  # its phrases reached the session before this resumes
         except asyncio.CancelledError:
             cancel.set()
             raise
@@ -433,8 +480,7 @@ class Connection:
             self._stage_failed(failure)
             error = str(failure)
             cancel.set()
-            await asyncio.gather(generation, return_exceptions=True)
-        stats = conv.stats
+        stats = self.conversation.stats
         speculative = speculative_of()  # set by the generation, which has ended
         self._cancels.pop(a.response_id, None)
         # A turn's figures count its speculatively prefilled tokens as prefilled, not cached.
@@ -443,32 +489,6 @@ class Connection:
             cached_tokens=max(0, stats.cached_tokens - speculative),
             generated_tokens=stats.generated_tokens, speculative_tokens=speculative,
             error=error, now=time.time())
-        self._process()
-
-    async def _speak(self, a: s.StartResponse, text: str, transcript: str,
-                     cancel: threading.Event) -> None:
-        """Synthesize one phrase; `transcript` is its exact slice of the reply text."""
-        if cancel.is_set():
-            return
-        phrase = transcript
-        if not a.audio or not text:
-            self.session.phrase(a.response_id, phrase, None, 0.0, time.time())
-            self._process()
-            return
-        fmt = self.session.config.output_format
-        tts = self.stages.tts
-
-        def synthesize() -> tuple[bytes, float]:
-            wave = tts.synthesize(text)
-            if tts.sample_rate != fmt.rate:
-                wave = au.resample(wave, tts.sample_rate, fmt.rate)
-            return au.encode_output(wave, fmt.encoding), len(wave) * 1000.0 / fmt.rate
-
-        try:
-            data, ms = await self._loop.run_in_executor(self.executor, synthesize)
-        except Exception as exc:
-            raise StageFailure("tts", exc) from exc
-        self.session.phrase(a.response_id, phrase, data, ms, time.time())
         self._process()
 
 

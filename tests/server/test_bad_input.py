@@ -13,16 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-
-async def recv_type(ws, kind: str, timeout: float = 5.0) -> dict:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while True:
-            msg = await ws.recv()
-            if isinstance(msg, bytes):
-                continue
-            ev = json.loads(msg)
-            if ev["type"] == kind:
-                return ev
+from voicepipe.testing.server import recv_type
 
 
 async def still_works(ws) -> None:  # type: ignore[no-untyped-def]

@@ -13,21 +13,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from voicepipe.stages.scripted import ScriptedTTS
+from voicepipe.testing.server import recv_type
 
 TEXT_ITEM = json.dumps({"type": "conversation.item.create", "item": {
     "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}})
 RESPOND = json.dumps({"type": "response.create"})
-
-
-async def recv_type(ws, kind: str, timeout: float = 5.0) -> dict:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while True:
-            msg = await ws.recv()
-            if isinstance(msg, bytes):
-                continue
-            ev = json.loads(msg)
-            if ev["type"] == kind:
-                return ev
 
 
 async def one_reply(ws) -> dict:  # type: ignore[no-untyped-def]

@@ -71,7 +71,7 @@ async def scripted_server(llm: ScriptedLLM | None = None, tts: ScriptedTTS | Non
     finally:
         server.close()
         await server.wait_closed()
-        app.executor.shutdown(wait=False, cancel_futures=True)
+        app.close()
 
 
 @contextlib.asynccontextmanager

@@ -3,7 +3,9 @@ its ready line, stop it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 READY = re.compile(r"voicepipe is ready: .* Realtime WebSocket at (\S+)")
 
@@ -54,3 +57,15 @@ def voicepipe_serve(extra: list[str], timeout: float = 600.0,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def recv_type(ws: Any, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The next server event of type `kind` on a websocket, skipping others and binary frames."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await ws.recv()
+            if isinstance(msg, bytes):
+                continue
+            ev: dict[str, Any] = json.loads(msg)
+            if ev["type"] == kind:
+                return ev
