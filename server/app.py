@@ -54,9 +54,16 @@ class App:
     degraded: dict[str, str] = field(default_factory=dict)  # stage -> failure, logged once
     sessions: set[Connection] = field(default_factory=set)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
-    executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage"))
+    # Stage calls and each session's conversation lane. A reply holds a thread while it streams
+    # (the engine batches the decode steps of all of them), and a transcription may run beside
+    # it, so there are two per session: a full server never queues one reply behind another.
+    # Threads start on demand.
+    executor: ThreadPoolExecutor = field(init=False)
     _vad_batcher: VADBatcher | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=2 * self.config.max_sessions + 4,
+                                           thread_name_prefix="stage")
 
     @property
     def vad_batcher(self) -> VADBatcher:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 import urllib.request
 from typing import Any as Running
 
@@ -119,6 +120,30 @@ async def test_client_that_stops_reading_is_closed_without_delaying_others(
         scripted.app.stages.tts = ScriptedTTS()
         assert (await one_reply(other))["status"] == "completed"
         await slow.close()
+
+
+async def test_a_full_server_streams_every_reply_at_once(scripted: Running,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replies hold a thread while they stream; none may wait for another to finish."""
+    from voicepipe.stages.scripted import ScriptedConversation
+
+    n = scripted.app.config.max_sessions
+    together = threading.Barrier(n, timeout=20)
+    generate = ScriptedConversation.generate
+
+    def all_at_once(self, params, cancel):  # type: ignore[no-untyped-def]
+        together.wait()  # passes only when every session's reply is streaming
+        yield from generate(self, params, cancel)
+
+    monkeypatch.setattr(ScriptedConversation, "generate", all_at_once)
+
+    async def one() -> str:
+        async with connect(scripted.url) as ws:
+            await recv_type(ws, "session.created")
+            return (await one_reply(ws))["status"]
+
+    statuses = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), 40)
+    assert statuses == ["completed"] * n
 
 
 async def test_llm_fault_fails_the_response_and_the_next_turn_works(scripted: Running) -> None:
