@@ -18,21 +18,28 @@ firefox.py, as headless Chromium has a fake audio output; it runs at 48 kHz here
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from voicepipe import session as vs
-from voicepipe.stages.scripted import REPLY, ScriptedLLM, ScriptedTTS
-
 from .firefox import Page, firefox_page
-from .harness import ARTIFACTS, RATE, scripted_server, speech, write_wav
-from .test_demo import FIRST, SECOND, closed_port, wait_for
+from .harness import (
+    ARTIFACTS,
+    barge_in_server,
+    barge_in_wav,
+    check_barge_in,
+    check_first_turn,
+    closed_port,
+    drop_and_check_reconnect,
+    scripted_server,
+    spy_on_truncates,
+    two_questions_wav,
+    wait_for,
+    write_wav,
+)
 
 pytestmark = pytest.mark.timeout(110)
 
@@ -85,20 +92,10 @@ def visible(selector: str) -> str:
 
 async def test_spoken_turns_show_transcript_reply_and_waterfall_in_firefox(
         tmp_path: Path) -> None:
-    wav = write_wav(tmp_path / "two-questions.wav",
-                    [0.5, speech(FIRST), 2.5, speech(SECOND), 6.0])
+    wav = two_questions_wav(tmp_path / "two-questions.wav")
     async with scripted_server() as (_, url), firefox() as page:
         await open_demo(page, url, wav)
-        first = await wait_for(page, """(() => { const t = voicepipeDemo.turns()[0];
-            return t && t.userFinal && t.latency && t.gapMs !== null && t; })()""", timeout=30)
-        assert first["user"] == "Hello from the scripted transcriber."
-        counters = await page.evaluate("voicepipeDemo.counters")
-        assert counters["playedSamples"] > 0
-        assert counters["framesSent"] > 0
-        assert counters["truncatesSent"] == 0
-        assert set(first["latency"]["marks"]) >= {"speech_end", "endpoint", "first_byte_sent"}
-        assert first["latency"]["derived_ms"]["endpoint_delay"] <= first["gapMs"] < 5000
-        await wait_for(page, f"voicepipeDemo.turns()[0].agent === {REPLY!r}")
+        await check_first_turn(page, timeout=30)
         assert await page.evaluate(visible(".turn:first-child .waterfall")) == 1
         names = await page.evaluate("""[...document.querySelectorAll(
             '.turn:first-child .waterfall .name')].map((e) => e.textContent)""")
@@ -120,37 +117,10 @@ async def test_spoken_turns_show_transcript_reply_and_waterfall_in_firefox(
 
 async def test_speech_over_the_reply_stops_playback_and_truncates_in_firefox(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    received: list[tuple[str, int]] = []
-    handler = vs.Session._on_ConversationItemTruncate
-
-    def spy(self: vs.Session, ev: Any, now: float) -> None:
-        received.append((ev.item_id, ev.audio_end_ms))
-        handler(self, ev, now)
-
-    monkeypatch.setattr(vs.Session, "_on_ConversationItemTruncate", spy)
-    wav = write_wav(tmp_path / "barge-in.wav",
-                    [0.5, speech(FIRST), 1.6, speech("Stop, wait a moment."), 5.0])
-    # 3 s of audio per phrase: the reply lasts 6 s, the second utterance comes 1.6 s after the first
-    async with scripted_server(llm=ScriptedLLM(token_delay=0.05), tts=ScriptedTTS(3.0)) as (
-            _, url), firefox() as page:
-        await open_demo(page, url, wav)
-        await wait_for(page, "voicepipeDemo.counters.truncatesSent >= 1", timeout=30)
-        assert await page.evaluate("voicepipeDemo.counters.turns") >= 2
-        await wait_for(page, "voicepipeDemo.counters.events['conversation.item.truncated']")
-        cut = await page.evaluate("voicepipeDemo.turns()[0]")
-        items = await page.evaluate("voicepipeDemo.items()")
-        item = items[cut["assistantItem"]]
-        assert item["cut"]
-        assert 0 < item["played"] < item["queued"] <= 2 * 3 * RATE
-        await asyncio.sleep(0.5)  # playback of the cut item stays stopped
-        after = (await page.evaluate("voicepipeDemo.items()"))[cut["assistantItem"]]
-        assert after["played"] == item["played"]
-        # the server got the client's truncate, with the milliseconds played
-        assert received and received[0][0] == cut["assistantItem"]
-        assert received[0][1] == item["played"] * 1000 // RATE
-        assert cut["cut"] and cut["agent"] != REPLY  # the text shown is what was heard
-        assert await page.evaluate("voicepipeDemo.counters.events.error || 0") == 0
-        assert page.errors == []
+    received = spy_on_truncates(monkeypatch)
+    async with barge_in_server() as (_, url), firefox() as page:
+        await open_demo(page, url, barge_in_wav(tmp_path / "barge-in.wav"))
+        await check_barge_in(page, received)
 
 
 async def test_dropped_connection_reconnects_and_a_new_connect_is_not_retried_in_firefox(
@@ -158,12 +128,7 @@ async def test_dropped_connection_reconnects_and_a_new_connect_is_not_retried_in
     wav = write_wav(tmp_path / "silence.wav", [1.0])
     async with scripted_server() as (app, url), firefox() as page:
         await open_demo(page, url, wav)
-        for conn in list(app.sessions):  # the server side goes away abruptly
-            conn.ws.transport.abort()
-        await wait_for(page, "voicepipeDemo.state === 'reconnecting'", timeout=5)
-        assert "dropped" in await page.inner_text("#status")
-        await wait_for(page, "voicepipeDemo.state === 'listening'", timeout=10)
-        assert "Reconnected" in await page.inner_text("#status")
+        await drop_and_check_reconnect(page, app)
         await page.click("#connect")  # disconnect
         await wait_for(page, "voicepipeDemo.state === 'disconnected'")
         # a fresh Connect to a server that is not there is explained, not retried: the
