@@ -36,24 +36,26 @@ class ScriptedConversation:
     def __init__(self, llm: ScriptedLLM, instructions: str) -> None:
         self.llm = llm
         self.messages: list[tuple[str, str]] = [("system", instructions)]
+        self._words = [len(instructions.split())]  # per message: the "tokens" of the stats
         self._stats = GenerationStats()
         self._ran = 1  # messages already "prefilled"
         self.closed = False
 
     def add_message(self, role: str, text: str) -> None:
         self.messages.append((role, text))
+        self._words.append(len(text.split()))
 
     def prefill(self) -> int:
         """Mark the pending messages as run; returns their word count."""
-        new = sum(len(text.split()) for _, text in self.messages[self._ran :])
+        new = sum(self._words[self._ran :])
         self._ran = len(self.messages)
         return new
 
     def generate(self, params: SamplingParams, cancel: threading.Event) -> Iterator[str]:
         if self.llm.failures:
             raise self.llm.failures.pop(0)
-        new = sum(len(text.split()) for _, text in self.messages[self._ran:])
-        cached = sum(len(text.split()) for _, text in self.messages[: self._ran])
+        new = sum(self._words[self._ran:])
+        cached = sum(self._words[: self._ran])
         self._stats = GenerationStats(prefill_tokens=new, cached_tokens=cached)
         words = self.llm.reply.split(" ")
         out = ""
@@ -68,7 +70,7 @@ class ScriptedConversation:
                 self._stats.generated_tokens += 1
                 yield delta
         finally:
-            self.messages.append(("assistant", out))
+            self.add_message("assistant", out)
             self._ran = len(self.messages)
 
     def truncate_last_assistant(self, kept_text: str) -> None:
@@ -78,13 +80,16 @@ class ScriptedConversation:
                 if not text.startswith(kept_text):
                     raise ValueError(f"{kept_text!r} is not a prefix of {text!r}")
                 self.messages[i] = (role, kept_text)
+                self._words[i] = len(kept_text.split())
                 return
 
     def set_instructions(self, text: str) -> None:
         self.messages[0] = ("system", text)
+        self._words[0] = len(text.split())
 
     def delete_message(self, index: int) -> None:
         del self.messages[index + 1]
+        del self._words[index + 1]
 
     @property
     def stats(self) -> GenerationStats:
