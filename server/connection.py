@@ -130,10 +130,10 @@ class Connection:
         self._pending = np.zeros(0, np.float32)
         self._resampler = au.Resampler(self.session.config.input_format.rate, RATE)
         self._outbox: asyncio.Queue[tuple[str | bytes, str | None]] = asyncio.Queue()
-        self._lane = Lane(executor, asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
+        self._lane = Lane(executor, self._loop)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cancels: dict[str, threading.Event] = {}
-        self._loop = asyncio.get_running_loop()
         self._queued_bytes = 0  # bytes waiting in the outbox: bounded by max_send_buffer_bytes
         self._rate_tokens = 2.0 * config.max_events_per_s  # token bucket of client events
         self._rate_at = time.monotonic()
