@@ -23,6 +23,18 @@ def _tiny_engine(tmp_path: Path, arch: str = "qwen2", **kwargs: object) -> Engin
     return Engine.from_checkpoint(load_hf(folder), arch, dtype="float32", **kwargs)  # type: ignore[arg-type]
 
 
+def _replies_one_at_a_time(engine: Engine, prompts: list[str],
+                           params: SamplingParams) -> dict[str, str]:
+    """Each prompt's reply in a conversation of its own, run alone: the reference for batching."""
+    replies = {}
+    for p in prompts:
+        c = engine.new_conversation("be nice")
+        c.add_message("user", p)
+        replies[p] = collect(c.generate(params, no_cancel()))
+        c.close()
+    return replies
+
+
 def _from_scratch(engine: Engine, prompt: list[int], n: int) -> list[int]:
     cache = engine.decoder.new_cache()
     logits = engine.run(prompt, cache)
@@ -78,12 +90,7 @@ def test_many_sessions_on_a_small_pool_all_finish_and_return_their_pages(tmp_pat
     prompts = [f"tell me about the {w}" for w in
                ("sea", "wind", "sun", "rain", "snow", "hill", "tree", "stone")]
     params = SamplingParams(max_tokens=12)
-    expected = {}
-    for p in prompts:
-        c = engine.new_conversation("be nice")
-        c.add_message("user", p)
-        expected[p] = collect(c.generate(params, no_cancel()))
-        c.close()
+    expected = _replies_one_at_a_time(engine, prompts, params)
     results: dict[str, str] = {}
     errors: list[BaseException] = []
 
@@ -238,12 +245,7 @@ def test_cancel_while_batched_leaves_the_others_unchanged(tmp_path: Path) -> Non
     engine = _tiny_engine(tmp_path, num_pages=256, page_size=4)
     prompts = ["tell me about the sea", "tell me about the wind", "tell me about the sun"]
     params = SamplingParams(max_tokens=32)
-    alone = {}
-    for p in prompts:
-        c = engine.new_conversation("be nice")
-        c.add_message("user", p)
-        alone[p] = collect(c.generate(params, no_cancel()))
-        c.close()
+    alone = _replies_one_at_a_time(engine, prompts, params)
     engine.radix.evict(engine.pool.num_pages)
     gate = threading.Event()
     forwards = _record_forwards(engine, gate)
