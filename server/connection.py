@@ -21,6 +21,7 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import numpy as np
+from websockets.protocol import State
 
 from voicepipe import audio as au
 from voicepipe import protocol as p
@@ -135,6 +136,8 @@ class Connection:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cancels: dict[str, threading.Event] = {}
         self._queued_bytes = 0  # bytes waiting in the outbox: bounded by max_send_buffer_bytes
+        self._writer_busy = False  # the writer task is inside ws.send
+        self._direct = _can_send_now(ws)  # see _send_now
         self._rate_tokens = 2.0 * config.max_events_per_s  # token bucket of client events
         self._rate_at = time.monotonic()
         self._rate_warned = 0.0
@@ -251,21 +254,24 @@ class Connection:
     def _process(self) -> None:
         """Carry out the session's actions. Stage work starts first and the events are encoded
         after it, so a reply's LLM is already running while its events are serialized; both
-        kinds keep their own order (the lane's order, and what the client receives)."""
-        outgoing: list[s.SendEvent | s.SendAudio] = []
-        for action in self.session.actions():
-            if isinstance(action, (s.SendEvent, s.SendAudio)):
-                outgoing.append(action)
-            else:
-                self._start(action)
-        for action in outgoing:
-            if isinstance(action, s.SendEvent):
-                ev = action.event
-                audio_of = ev.get("response_id") if ev["type"].endswith("audio.delta") else None
-                self.metrics.event(ev)
-                self._queue_send(json.dumps(ev), audio_of)
-            else:
-                self._queue_send(action.data, action.response_id)
+        kinds keep their own order (the lane's order, and what the client receives). Actions
+        that sending produces (the first audio byte's mark) are carried out in the next round."""
+        while actions := self.session.actions():
+            outgoing: list[s.SendEvent | s.SendAudio] = []
+            for action in actions:
+                if isinstance(action, (s.SendEvent, s.SendAudio)):
+                    outgoing.append(action)
+                else:
+                    self._start(action)
+            for action in outgoing:
+                if isinstance(action, s.SendEvent):
+                    ev = action.event
+                    audio_of = (ev.get("response_id") if ev["type"].endswith("audio.delta")
+                                else None)
+                    self.metrics.event(ev)
+                    self._queue_send(json.dumps(ev), audio_of)
+                else:
+                    self._queue_send(action.data, action.response_id)
 
     def _start(self, action: s.Action) -> None:
         if isinstance(action, s.Transcribe):
@@ -305,6 +311,10 @@ class Connection:
     def _queue_send(self, data: str | bytes, audio_of: str | None) -> None:
         if self._queued_bytes < 0:
             return  # closing: the client stopped reading
+        if self._send_now(data):
+            if audio_of is not None:  # its actions are carried out by the _process under way
+                self.session.audio_sent(audio_of, time.time())
+            return
         self._queued_bytes += len(data)
         if self._queued_bytes > self.config.max_send_buffer_bytes:
             log.warning("session %s: client is not reading (%d bytes queued); closing",
@@ -316,12 +326,43 @@ class Connection:
             return
         self._outbox.put_nowait((data, audio_of))
 
+    def _send_now(self, data: str | bytes) -> bool:
+        """Write a message to the socket at once when nothing is waiting to be written before
+        it; False leaves it to the writer task.
+
+        Waking the writer costs an event-loop iteration, which on a loaded server is most of
+        the time from a reply's first audio to the socket. This is what `ws.send` does when
+        it need not wait, minus the wait: the frame goes through the connection's Sans-I/O
+        protocol and straight to the transport. It is taken only while the connection is open,
+        the writer is idle with nothing queued, no other send is in progress and the transport
+        is not paused; a slow reader pauses the transport, so from then on messages queue
+        (and count against max_send_buffer_bytes) exactly as before."""
+        ws = self.ws
+        if (not self._direct or self._writer_busy or not self._outbox.empty()
+                or ws.paused or ws.send_in_progress is not None
+                or ws.protocol.state is not State.OPEN):
+            return False
+        if isinstance(data, str):
+            ws.protocol.send_text(data.encode())
+        else:
+            ws.protocol.send_binary(data)
+        try:
+            ws.send_data()
+        except Exception as exc:  # as websockets does: the connection is finished
+            log.info("session %s: write failed: %s", self.session.id, exc)
+            ws.transport.abort()
+        return True
+
     async def _writer(self) -> None:
         while True:
             data, audio_of = await self._outbox.get()
+            self._writer_busy = True
             if self._queued_bytes >= 0:
                 self._queued_bytes -= len(data)
-            await self.ws.send(data)
+            try:
+                await self.ws.send(data)
+            finally:
+                self._writer_busy = False
             if audio_of is not None:
                 self.session.audio_sent(audio_of, time.time())
                 self._process()
@@ -490,6 +531,12 @@ class Connection:
             generated_tokens=stats.generated_tokens, speculative_tokens=speculative,
             error=error, now=time.time())
         self._process()
+
+
+def _can_send_now(ws: Any) -> bool:
+    """Whether `ws` is a websockets asyncio connection with the parts `_send_now` uses."""
+    return all(hasattr(ws, name) for name in ("paused", "send_in_progress", "protocol",
+                                               "send_data", "transport"))
 
 
 def _is_closed_error(exc: BaseException) -> bool:

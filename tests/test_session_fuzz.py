@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from voicepipe import protocol as p
@@ -121,6 +121,13 @@ class Adapter:
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops, st.integers(0, 2**32 - 1))
+# Found by this test: a speculatively prefilled user message that was no longer the LLM's last
+# message (a response.create came while the user was still speaking) or was deleted by the
+# client could not be rolled back.
+@example([("speech", 1), ("speech", 1), ("silence", 1), ("work", 0), ("event", "respond"),
+          ("speech", 1)], 0)
+@example([("speech", 1), ("speech", 1), ("speech", 1), ("silence", 1), ("work", 0),
+          ("event", "commit"), ("speech", 1), ("speech", 1), ("event", "delete")], 0)
 def test_random_sequences_keep_the_invariants(sequence, seed) -> None:  # type: ignore[no-untyped-def]
     sess = s.Session(partial_interval_ms=200, max_items=8)
     sess.start()

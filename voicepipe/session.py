@@ -124,7 +124,7 @@ Action = (SendEvent | SendAudio | Transcribe | StartResponse | CancelResponse | 
 # ---- state -----------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # items are found in lists (index, remove) by identity, not field by field
 class Item:
     id: str
     role: str
@@ -761,6 +761,8 @@ class Session:
         if item.id in self._llm:
             self._out.append(DeleteMessage(item.id, self._llm.index(item.id)))
             self._llm.remove(item.id)
+            if self._speculated is not None and self._speculated[0] == item.id:
+                self._speculated = None  # gone from the LLM with it
         self.items.remove(item)
         self._send("conversation.item.deleted", item_id=item.id)
 
@@ -781,12 +783,13 @@ class Session:
         self._out.append(Prefill(item_id, text))
 
     def _unspeculate(self) -> None:
-        """Roll back a speculative user message: it is the LLM's last message."""
+        """Roll back the speculative user message, wherever it is in the LLM's messages."""
         if self._speculated is None:
             return
-        item_id = self._llm.pop()
-        assert item_id == self._speculated[0]
-        self._out.append(DeleteMessage(item_id, len(self._llm)))
+        item_id = self._speculated[0]
+        index = self._llm.index(item_id)  # the last, unless a response.create came since
+        del self._llm[index]
+        self._out.append(DeleteMessage(item_id, index))
         self._speculated = None
 
     def _find(self, item_id: str) -> Item | None:
@@ -797,10 +800,15 @@ class Session:
         return self.items[i - 1].id if i > 0 else None
 
     def _arrival_of(self, position: int) -> float:
-        """Wall time at which the frame holding sample `position - 1` arrived."""
-        for end, arrival in self._arrivals:
-            if end >= position:
-                return arrival
+        """Wall time at which the frame holding sample `position - 1` arrived. Searched from
+        the newest: the positions asked about are recent, and the record holds 512 frames."""
+        found = None
+        for end, arrival in reversed(self._arrivals):
+            if end < position:
+                break
+            found = arrival
+        if found is not None:
+            return found
         return self._arrivals[-1][1] if self._arrivals else 0.0
 
     def _slice(self, start: int, end: int) -> np.ndarray:

@@ -107,12 +107,14 @@ async def test_idle_sessions_are_closed(scripted: Running) -> None:
 async def test_client_that_stops_reading_is_closed_without_delaying_others(
         scripted: Running) -> None:
     # 256 KB of base64 per phrase, 500 phrases: far beyond what the kernel's socket buffers
-    # absorb, so the server's own bound must act
+    # absorb, so the server's own bound must act (uncompressed: deflate would shrink the
+    # scripted tone's frames to a few hundred bytes each)
     scripted.app.stages.tts = ScriptedTTS(seconds=4.0)
     scripted.llm.reply = " ".join(["A sentence of speech."] * 500)
     async with connect(scripted.url) as other:
         await recv_type(other, "session.created")
-        slow = await connect(scripted.url, max_queue=1)  # reads nothing after the first frames
+        slow = await connect(scripted.url, max_queue=1,  # reads nothing after the first frames
+                             compression=None)
         await slow.send(TEXT_ITEM)
         await slow.send(RESPOND)
         await scripted.wait_sessions(1, timeout=30)  # the server gave up on it
@@ -120,6 +122,29 @@ async def test_client_that_stops_reading_is_closed_without_delaying_others(
         scripted.app.stages.tts = ScriptedTTS()
         assert (await one_reply(other))["status"] == "completed"
         await slow.close()
+
+
+async def test_messages_go_straight_to_the_socket_when_nothing_waits(
+        scripted: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the writer task idle and nothing queued before it, a message is written where it
+    is made rather than after a wake-up of the writer: here the writer never runs at all, and
+    a whole reply still arrives, in order. (When the transport is paused, messages queue for
+    the writer: the test above depends on that.)"""
+    from voicepipe.server.connection import Connection
+
+    async def no_writer(self: Connection) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Connection, "_writer", no_writer)
+    async with connect(scripted.url) as ws:
+        await recv_type(ws, "session.created")
+        await ws.send(TEXT_ITEM)
+        await ws.send(RESPOND)
+        types: list[str] = []
+        while not types or types[-1] != "response.done":
+            types.append(json.loads(await asyncio.wait_for(ws.recv(), 10))["type"])
+    first_audio = types.index("response.output_audio.delta")
+    assert types.index("response.created") < first_audio < types.index("response.done")
 
 
 async def test_a_full_server_streams_every_reply_at_once(scripted: Running,
