@@ -1,4 +1,4 @@
-"""Fused GPU kernels beside their plain-torch references (imported as `voicepipe.kernels`).
+"""Fused kernels beside their plain-torch references (imported as `voicepipe.kernels`).
 
 `KERNELS` maps a name to a `Kernel`: the Triton `fused` function, the plain-torch `reference` with
 the same signature, and `make_inputs(shape, dtype, device, seed)`, so tests and the GPU check
@@ -8,7 +8,9 @@ on inputs of the decoder's shapes, and one that fails to compile or disagrees st
 reference (with a logged warning).
 
 Triton chooses between the compiler and its CPU interpreter when a kernel module is imported:
-set `TRITON_INTERPRET=1` before importing this package to run the kernels on the CPU.
+set `TRITON_INTERPRET=1` before `KERNELS` is first used to run the kernels on the CPU. The
+Triton modules are imported on that first use, so a CPU install without Triton can still use
+`use_cpu_attention`, the fused bf16 attention in C (`cpu_attention`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from voicepipe.llm.model import Decoder, ModelConfig
 
-from . import attention, rmsnorm, rope, sampling, silu_mul
+from . import cpu_attention
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +75,36 @@ def _c(fn: Callable[[ModelConfig, int], tuple[int, ...]]) -> Callable[[ModelConf
     return fn
 
 
-KERNELS: dict[str, Kernel] = {
-    k.name: k for k in (
-        Kernel("add_rms_norm", rmsnorm.fused, rmsnorm.reference, rmsnorm.make_inputs,
-               _c(lambda c, n: (n, c.hidden))),
-        Kernel("rope_kv_write", rope.fused, rope.reference, rope.make_inputs,
-               _c(lambda c, n: (n, c.n_heads, c.n_kv_heads, c.head_dim, 4096)), run=_run_rope),
-        Kernel("silu_mul", silu_mul.fused, silu_mul.reference, silu_mul.make_inputs,
-               _c(lambda c, n: (n, c.intermediate))),
-        Kernel("decode_attention", attention.fused, attention.reference, attention.make_inputs,
-               _c(lambda c, n: (n, c.n_heads, c.n_kv_heads, c.head_dim, 1024, 16))),
-        Kernel("sampling", sampling.fused, sampling.reference, sampling.make_inputs,
-               _c(lambda c, n: (n, c.vocab_size)), ids=True),
-    )
-}
+KERNELS: dict[str, Kernel]  # `_registry`, filled on first use (it imports Triton)
+_registry: dict[str, Kernel] = {}
+
+
+def _kernels() -> dict[str, Kernel]:
+    if not _registry:
+        from . import attention, rmsnorm, rope, sampling, silu_mul
+
+        _registry.update({k.name: k for k in (
+            Kernel("add_rms_norm", rmsnorm.fused, rmsnorm.reference, rmsnorm.make_inputs,
+                   _c(lambda c, n: (n, c.hidden))),
+            Kernel("rope_kv_write", rope.fused, rope.reference, rope.make_inputs,
+                   _c(lambda c, n: (n, c.n_heads, c.n_kv_heads, c.head_dim, 4096)),
+                   run=_run_rope),
+            Kernel("silu_mul", silu_mul.fused, silu_mul.reference, silu_mul.make_inputs,
+                   _c(lambda c, n: (n, c.intermediate))),
+            Kernel("decode_attention", attention.fused, attention.reference,
+                   attention.make_inputs,
+                   _c(lambda c, n: (n, c.n_heads, c.n_kv_heads, c.head_dim, 1024, 16))),
+            Kernel("sampling", sampling.fused, sampling.reference, sampling.make_inputs,
+                   _c(lambda c, n: (n, c.vocab_size)), ids=True),
+        )})
+    return _registry
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KERNELS":
+        return _kernels()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 DECODER_OPS = ("add_rms_norm", "rope_kv_write", "silu_mul", "decode_attention")
 _VERDICTS: dict[tuple[str, str, torch.dtype], bool] = {}
@@ -116,7 +134,7 @@ def use_fused(decoder: Decoder, names: tuple[str, ...] = DECODER_OPS) -> dict[st
     """Put the fused kernels that pass `check` into `decoder.ops`; returns name -> fused in use."""
     used = {}
     for name in names:
-        kernel = KERNELS[name]
+        kernel = _kernels()[name]
         used[name] = check(kernel, decoder.config, decoder.device, decoder.dtype)
         setattr(decoder.ops, name, kernel.fused if used[name] else kernel.reference)
     return used
@@ -125,4 +143,17 @@ def use_fused(decoder: Decoder, names: tuple[str, ...] = DECODER_OPS) -> dict[st
 def use_reference(decoder: Decoder) -> None:
     """Put the plain-torch references back into `decoder.ops`."""
     for name in DECODER_OPS:
-        setattr(decoder.ops, name, KERNELS[name].reference)
+        setattr(decoder.ops, name, _kernels()[name].reference)
+
+
+def use_cpu_attention(decoder: Decoder) -> bool:
+    """Put the fused bf16 CPU attention (`cpu_attention`) into `decoder.ops`, for a bf16 KV pool
+    on the CPU; False, leaving PyTorch's attention in place, where the kernel cannot run."""
+    c = decoder.config
+    if (decoder.device.type != "cpu" or not cpu_attention.supports(c.n_heads, c.n_kv_heads,
+                                                                   c.head_dim)
+            or not cpu_attention.available()):
+        return False
+    decoder.ops.prefill_attention = cpu_attention.prefill_attention
+    decoder.ops.decode_attention = cpu_attention.decode_attention
+    return True

@@ -61,7 +61,7 @@ def load_stages(config: ServerConfig, progress: Callable[[str], None] | None = N
     external = _external_llm(config, say) if config.llm_url else None
     llm = external or step(f"LLM ({config.llm_model})", lambda: Engine.load(
         config.llm_model, device=device, dtype=dtype, kv_cache_gb=config.kv_cache_gb or None,
-        page_size=config.kv_page_tokens))
+        page_size=config.kv_page_tokens, kv_dtype=config.kv_dtype))
     tts = step(f"TTS ({config.tts_model})", lambda: PiperTTS(config.tts_model, use_cuda=cuda,
                                                                     threads=threads or 0))
     t0 = time.perf_counter()

@@ -80,6 +80,11 @@ class ServerConfig:
                               "to 1 GB on the CPU, half the free GPU memory on CUDA).")
     kv_page_tokens: int = _opt(16, "Tokens per KV page (prefix matching stays exact to the "
                                "token whatever the size).")
+    kv_dtype: str = _opt(
+        "auto", "LLM KV cache: auto (bfloat16 on a CPU with AVX512-BF16 and a C compiler, where a "
+        "fused bf16 attention kernel halves the KV memory and the attention time over long "
+        "histories; else the activations' dtype), float32, bfloat16 (CPU only)."
+    )
     tts_model: str = _opt(models.DEFAULT_TTS, "Piper voice (.onnx with its .onnx.json beside it, "
                           "or offline name).")
     threads: int = _opt(0, "CPU threads for model inference (0: all cores).")
@@ -130,6 +135,8 @@ class ServerConfig:
             raise ConfigError("max_input_buffer_s: must be positive")
         if self.kv_cache_gb < 0 or self.kv_page_tokens < 1:
             raise ConfigError("kv_cache_gb must not be negative and kv_page_tokens must be >= 1")
+        if self.kv_dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"kv_dtype: {self.kv_dtype!r} is not auto, float32 or bfloat16")
         if self.max_events_per_s <= 0:
             raise ConfigError("max_events_per_s: must be positive")
         if min(self.idle_timeout_s, self.shutdown_grace_s, self.max_sessions_per_key) < 0:

@@ -11,9 +11,8 @@ import torch
 
 
 def test_engine_bench_prints_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llm.tiny import reference_model, write_hf_folder
     from voicepipe.bench import engine as bench
-
-    from tests.llm.tiny import reference_model, write_hf_folder
 
     folder = write_hf_folder(reference_model("qwen2"), tmp_path / "tiny-qwen2")
     parser = bench.argparse.ArgumentParser()
@@ -28,7 +27,8 @@ def test_engine_bench_prints_every_row(tmp_path: Path, capsys: pytest.CaptureFix
     for history in (0, 40):
         assert re.search(rf"^\| {history} \| \d+ \| \d+ \|$", out, re.M), out
     assert re.search(r"^bookkeeping per turn at 4000 tokens: \d+ us$", out, re.M), out
-    assert re.search(r"^KV per 1000 tokens: [\d.]+ MiB$", out, re.M), out
+    assert re.search(r"^KV per 1000 tokens: [\d.]+ MiB \((float32|bfloat16)\)$", out, re.M), out
+    assert re.search(r"^KV (float32|bfloat16), attention: .+$", out, re.M), out
     for batch in (1, 3):
         assert re.search(rf"^decode batch {batch}: [\d.]+ tok/s$", out, re.M), out
     assert "llama-cpp-python batch 1: needs a GGUF model" in out

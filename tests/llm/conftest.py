@@ -25,6 +25,7 @@ def smollm_engine(smollm_path: Path) -> Iterator[object]:
     from voicepipe.llm.engine import Engine
 
     torch.set_num_threads(2)
-    yield Engine.load(str(smollm_path), dtype="float32")  # exact comparisons: int8 has its own tests
+    # exact comparisons (with the contiguous fp32 reference): int8 and bf16 KV have their own tests
+    yield Engine.load(str(smollm_path), dtype="float32", kv_dtype="float32")
 
 

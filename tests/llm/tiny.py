@@ -76,7 +76,7 @@ def _tokenizer_json(tokens: list[str], merges: list[str]) -> dict:
     }
 
 
-def hf_config(arch: str) -> object:
+def hf_config(arch: str, **overrides: float) -> object:
     import transformers
 
     common = dict(
@@ -84,6 +84,7 @@ def hf_config(arch: str) -> object:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         rms_norm_eps=1e-5, initializer_range=0.3, bos_token_id=0, eos_token_id=2,
     )
+    common.update(overrides)
     if arch == "llama":
         return transformers.LlamaConfig(rope_theta=10000.0, tie_word_embeddings=False, **common)
     return transformers.Qwen2Config(rope_theta=1000000.0, tie_word_embeddings=True, **common)
@@ -94,12 +95,12 @@ def rope_theta(cfg: object) -> float:
     return float(params.get("rope_theta") or cfg.rope_theta)
 
 
-def reference_model(arch: str, seed: int = 0) -> torch.nn.Module:
+def reference_model(arch: str, seed: int = 0, **overrides: float) -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(seed)
     cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.Qwen2ForCausalLM
-    model = cls(hf_config(arch)).float().eval()
+    model = cls(hf_config(arch, **overrides)).float().eval()
     with torch.no_grad():  # biases are zero at init; make them matter
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -60,8 +60,35 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tuple[
         raise ValueError(f"unknown LLM dtype {dtype!r}") from None
 
 
+def parse_kv_dtype(
+    kv_dtype: str | torch.dtype | None, decoder: Decoder, *, fused: bool = False
+) -> torch.dtype:
+    """The KV pool's dtype for a kv_dtype option. None/"auto": bfloat16 on a CPU where the fused
+    bf16 attention kernel runs this model (half the KV memory, and its attention is the fastest
+    there), else the activations' dtype (also with the Triton kernels, `fused`, written for it).
+    "float32" or "bfloat16" choose explicitly; a KV dtype other than the activations' is for
+    the CPU only."""
+    if kv_dtype in (None, "auto"):
+        if not fused and decoder.device.type == "cpu" and decoder.dtype == torch.float32:
+            from voicepipe.kernels import cpu_attention
+
+            c = decoder.config
+            if cpu_attention.supports(c.n_heads, c.n_kv_heads, c.head_dim) and (
+                    cpu_attention.available()):
+                return torch.bfloat16
+        return decoder.dtype
+    if isinstance(kv_dtype, str):
+        if _DTYPES.get(kv_dtype) not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"unknown KV dtype {kv_dtype!r}: auto, float32 or bfloat16")
+        kv_dtype = _DTYPES[kv_dtype]
+    if kv_dtype != decoder.dtype and decoder.device.type != "cpu":
+        raise ValueError("a KV dtype other than the activations' is for the CPU only")
+    return kv_dtype
+
+
 def kv_pool_pages(
-    decoder: Decoder, page_size: int, kv_cache_gb: float | None, fraction: float = 0.1
+    decoder: Decoder, page_size: int, kv_cache_gb: float | None, fraction: float = 0.1,
+    kv_dtype: torch.dtype | None = None,
 ) -> int:
     """Pages of a pool of `kv_cache_gb` GB, or by default `fraction` of the memory (free GPU
     memory on CUDA, total RAM capped at 1 GB on the CPU)."""
@@ -74,12 +101,15 @@ def kv_pool_pages(
             budget = min(total * fraction, 1 << 30)
     else:
         budget = kv_cache_gb * (1 << 30)
-    per_page = PagedKV.bytes_per_token(decoder.config, decoder.dtype) * page_size
+    per_page = PagedKV.bytes_per_token(decoder.config, kv_dtype or decoder.dtype) * page_size
     return max(2, int(budget // per_page))
 
 
 class Engine:
-    """One decoder, its tokenizer and its KV pool, shared by any number of conversations."""
+    """One decoder, its tokenizer and its KV pool, shared by any number of conversations.
+
+    `kv_dtype` is the pool's dtype (see `parse_kv_dtype`); with a bf16 pool on the CPU the
+    attention runs in the fused C kernel when it loads, PyTorch's otherwise (`attention`)."""
 
     def __init__(
         self,
@@ -91,18 +121,27 @@ class Engine:
         page_size: int = PAGE_SIZE,
         num_pages: int | None = None,
         fused_kernels: bool | None = None,
+        kv_dtype: str | torch.dtype | None = None,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.name = name
         # Fused Triton kernels (voicepipe.kernels): by default on CUDA only; on the CPU they run
         # in Triton's interpreter, which is for tests, not speed.
-        if decoder.device.type == "cuda" if fused_kernels is None else fused_kernels:
+        fused = decoder.device.type == "cuda" if fused_kernels is None else fused_kernels
+        if fused:
             from voicepipe.kernels import use_fused
 
             use_fused(decoder)
-        pages = num_pages or kv_pool_pages(decoder, page_size, kv_cache_gb)
-        self.kv = decoder.new_paged_kv(pages, page_size)
+        kv = parse_kv_dtype(kv_dtype, decoder, fused=fused)
+        self.attention = "triton" if fused else "torch"
+        if kv == torch.bfloat16 and decoder.device.type == "cpu":
+            from voicepipe.kernels import use_cpu_attention
+
+            if use_cpu_attention(decoder):
+                self.attention = "bf16 C kernel (AVX512-BF16)"
+        pages = num_pages or kv_pool_pages(decoder, page_size, kv_cache_gb, kv_dtype=kv)
+        self.kv = decoder.new_paged_kv(pages, page_size, kv)
         self.pool = PagePool(pages, page_size)
         self.radix = RadixCache(self.pool)
         self.lock = threading.RLock()  # radix cache, pool and sequences
@@ -120,12 +159,13 @@ class Engine:
         kv_cache_gb: float | None = None,
         page_size: int = PAGE_SIZE,
         fused_kernels: bool | None = None,
+        kv_dtype: str | torch.dtype | None = None,
     ) -> Engine:
         """A GGUF file (llama/qwen2) or a Hugging Face folder, by path or model name."""
         path = resolve(str(model_name_or_path))
         return cls.from_checkpoint(_load_checkpoint(path), path.name, device, dtype,
                                    kv_cache_gb=kv_cache_gb, page_size=page_size,
-                                   fused_kernels=fused_kernels)
+                                   fused_kernels=fused_kernels, kv_dtype=kv_dtype)
 
     @classmethod
     def from_checkpoint(
@@ -139,12 +179,14 @@ class Engine:
         page_size: int = PAGE_SIZE,
         num_pages: int | None = None,
         fused_kernels: bool | None = None,
+        kv_dtype: str | torch.dtype | None = None,
     ) -> Engine:
         dev = torch.device(device)
         act, int8 = parse_dtype(dtype, dev)
         decoder = Decoder(checkpoint.config, dict(checkpoint.weights), dev, act, int8=int8)
         return cls(decoder, checkpoint.tokenizer, name, kv_cache_gb=kv_cache_gb,
-                   page_size=page_size, num_pages=num_pages, fused_kernels=fused_kernels)
+                   page_size=page_size, num_pages=num_pages, fused_kernels=fused_kernels,
+                   kv_dtype=kv_dtype)
 
     def new_conversation(self, instructions: str) -> ChatConversation:
         conversation = ChatConversation(self, instructions)
@@ -171,6 +213,8 @@ class Engine:
             "device": str(self.decoder.device),
             "kv_pages": self.pool.num_pages,
             "page_size": self.pool.page_size,
+            "kv_dtype": str(self.kv.k.dtype).removeprefix("torch."),
+            "attention": self.attention,
         }
 
     def run(self, ids: Sequence[int], cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:

@@ -99,7 +99,8 @@ class KVCache:
 class PagedKV:
     """Keys and values of every sequence in one pre-allocated pool: `k`, `v` of shape
     [layers, num_pages * page_size, kv_heads, head_dim], one slot per token (see `radix.py` for
-    which slots belong to whom)."""
+    which slots belong to whom). Its dtype may be narrower than the activations' (bf16 KV on
+    the CPU): values are rounded when stored and widened where attention reads them."""
 
     def __init__(
         self, config: ModelConfig, num_pages: int, page_size: int, device: torch.device,
@@ -221,8 +222,8 @@ def rope_kv_write(
 ) -> torch.Tensor:
     """Rotate q [T, h_q, d] and k [T, h_kv, d] (cos, sin [T, 1, d]), store k and v in rows
     `slots` of one layer's pool k_pool, v_pool [S, h_kv, d]; returns the rotated q."""
-    k_pool.index_copy_(0, slots, _rotate(k, cos, sin))
-    v_pool.index_copy_(0, slots, v)
+    k_pool.index_copy_(0, slots, _rotate(k, cos, sin).to(k_pool.dtype))
+    v_pool.index_copy_(0, slots, v.to(v_pool.dtype))
     return _rotate(q, cos, sin)
 
 
@@ -243,8 +244,8 @@ def decode_attention(
     h_kv = k_pool.shape[1]
     positions = torch.arange(slot_table.shape[1], device=q.device)
     mask = (positions < lengths[:, None]).view(b, 1, 1, -1)
-    keys = k_pool[slot_table].transpose(1, 2)  # [B, h_kv, L, d]
-    values = v_pool[slot_table].transpose(1, 2)
+    keys = k_pool[slot_table].transpose(1, 2).to(q.dtype)  # [B, h_kv, L, d]
+    values = v_pool[slot_table].transpose(1, 2).to(q.dtype)
     a = F.scaled_dot_product_attention(q.view(b, h_kv, h_q // h_kv, d), keys, values,
                                        attn_mask=mask)
     return a.reshape(b, h_q, d)
@@ -276,14 +277,17 @@ def prefill_attention(
 
     On the CPU the history is never gathered: each run is a view of the pool, attended without
     a mask, and the parts (the new tokens causally among themselves, then each run) are merged
-    by their log-sum-exp, an online softmax. Elsewhere: one gather and a masked attention."""
+    by their log-sum-exp, an online softmax. Elsewhere: one gather and a masked attention. A
+    pool narrower than q (bf16 KV) is widened as it is read: correct, not fast (the fast path
+    for it is `voicepipe.kernels.cpu_attention`)."""
     n, h_q, d = q.shape
     h_kv = k_pool.shape[1]
     group = h_q // h_kv
     length = slots.shape[0]
     if q.device.type != "cpu":
         mask = _causal_mask(n, length, group, q.device)
-        return _attention(q, k_pool[slots].transpose(0, 1), v_pool[slots].transpose(0, 1), mask)
+        return _attention(q, k_pool[slots].transpose(0, 1).to(q.dtype),
+                          v_pool[slots].transpose(0, 1).to(q.dtype), mask)
     qg = q.transpose(0, 1).reshape(1, h_kv, group * n, d)  # rows [kv head][group member, token]
     new = slots[length - n :]
     out, lse = _attend_lse(qg, k_pool[new], v_pool[new], _causal_bias(n, group, q.dtype))
@@ -317,8 +321,8 @@ def _attend_lse(
     is fine) with an additive bias [rows, L]: the output [1, h_kv, rows, d] and the float32
     log-sum-exp of each row's scores [1, h_kv, rows]."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qg, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
-        attn_mask=bias)
+        qg, keys.transpose(0, 1).unsqueeze(0).to(qg.dtype),
+        values.transpose(0, 1).unsqueeze(0).to(qg.dtype), attn_mask=bias)
     return out, lse
 
 
@@ -429,8 +433,11 @@ class Decoder:
         return KVCache(self.config, min(capacity, self.config.context_length), self.device,
                        self.dtype)
 
-    def new_paged_kv(self, num_pages: int, page_size: int) -> PagedKV:
-        return PagedKV(self.config, num_pages, page_size, self.device, self.dtype)
+    def new_paged_kv(
+        self, num_pages: int, page_size: int, dtype: torch.dtype | None = None
+    ) -> PagedKV:
+        """A pool in `dtype`, by default the activations'."""
+        return PagedKV(self.config, num_pages, page_size, self.device, dtype or self.dtype)
 
     def _rope(self, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if end > self._rope_len:
