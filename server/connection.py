@@ -109,6 +109,19 @@ def is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
 
 
+class _Reply:
+    """A reply being generated on the lane. Until it belongs to a response (a speculative
+    reply before its endpoint) its first-token time and phrases are held here, in order."""
+
+    def __init__(self, response_id: str | None) -> None:
+        self.response_id = response_id
+        self.cancel = threading.Event()
+        self.first_token: float | None = None
+        self.held: list[tuple[str, bytes | None, float, float]] = []
+        self.generation: asyncio.Future[None] | None = None
+        self.speculative = 0  # tokens of its turn prefilled before the endpoint
+
+
 class Connection:
     def __init__(self, ws: Any, stages: Stages, config: ServerConfig, *, executor: Executor,
                  vad_batcher: VADBatcher, dialect: p.Dialect,
@@ -124,7 +137,8 @@ class Connection:
         self.session = s.Session(dialect=dialect, max_buffer_s=config.max_input_buffer_s,
                                  partial_interval_ms=config.partial_interval_ms,
                                  max_response_tokens=config.max_response_tokens,
-                                 max_items=config.max_conversation_items)
+                                 max_items=config.max_conversation_items,
+                                 speculative_reply=config.speculative_reply)
         self.conversation = stages.llm.new_conversation(self.session.config.instructions)
         self.vad = stages.vad.new_stream()
         self._frame = stages.vad.frame_samples
@@ -135,6 +149,7 @@ class Connection:
         self._lane = Lane(executor, self._loop)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cancels: dict[str, threading.Event] = {}
+        self._spec_replies: dict[str, _Reply] = {}  # speculative replies, by key
         self._queued_bytes = 0  # bytes waiting in the outbox: bounded by max_send_buffer_bytes
         self._writer_busy = False  # the writer task is inside ws.send
         self._direct = _can_send_now(ws)  # see _send_now
@@ -160,6 +175,8 @@ class Connection:
         finally:
             for ev in self._cancels.values():
                 ev.set()
+            for reply in self._spec_replies.values():
+                reply.cancel.set()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -277,8 +294,16 @@ class Connection:
         if isinstance(action, s.Transcribe):
             self._spawn(self._transcribe(action))
         elif isinstance(action, s.StartResponse):
-            self._cancels[action.response_id] = threading.Event()
-            self._spawn(self._respond(action))  # starts the LLM before it returns
+            self._spawn(self._respond(action))  # starts or adopts the LLM before it returns
+        elif isinstance(action, s.SpeculateResponse):
+            reply = _Reply(None)
+            self._spec_replies[action.key] = reply
+            self._generate(reply, action.max_tokens, action.audio)
+        elif isinstance(action, s.CancelSpeculation):
+            dropped = self._spec_replies.pop(action.key, None)
+            if dropped is not None:
+                dropped.cancel.set()
+                self.metrics.speculative_replies.labels("dropped").inc()
         elif isinstance(action, s.CancelResponse):
             if action.response_id in self._cancels:
                 self._cancels[action.response_id].set()
@@ -420,22 +445,39 @@ class Connection:
             log.error("session %s: %s", self.session.id, failure)
 
     def _respond(self, a: s.StartResponse) -> Awaitable[None]:
-        """Start the reply on the conversation lane and return the coroutine that ends it.
+        """Start the reply on the conversation lane, or adopt the speculative one the session
+        names (releasing what it holds, at once), and return the coroutine that ends it."""
+        reply = self._spec_replies.pop(a.speculation, None) if a.speculation else None
+        if reply is None:
+            reply = _Reply(a.response_id)
+            self._generate(reply, a.max_tokens, a.audio)
+        else:
+            self.metrics.speculative_replies.labels("adopted").inc()
+            reply.response_id = a.response_id
+            if reply.first_token is not None:
+                self.session.token(a.response_id, reply.first_token)
+            for held in reply.held:  # carried out by the _process under way
+                self.session.phrase(a.response_id, *held)
+            reply.held.clear()
+        self._cancels[a.response_id] = reply.cancel
+        return self._end_reply(a, reply)
+
+    def _generate(self, reply: _Reply, max_tokens: int | None, audio: bool) -> None:
+        """Queue the reply's generation on the conversation lane.
 
         One lane function streams the LLM, cuts the text into phrases and synthesizes each
         phrase, so the path from the endpoint to the first audio crosses from the event loop to
-        a thread once and back once. The TTS runs in the thread that reads the LLM's tokens:
-        the engine's scheduler keeps decoding (for every session) meanwhile, and the first
-        phrase's audio goes before more text, as the priorities in DESIGN.md ask."""
-        cancel = self._cancels[a.response_id]
+        a thread once and back once (and not at all for a speculative reply that is ready by
+        the endpoint). The TTS runs in the thread that reads the LLM's tokens: the engine's
+        scheduler keeps decoding (for every session) meanwhile, and the first phrase's audio
+        goes before more text, as the priorities in DESIGN.md ask."""
+        cancel = reply.cancel
         conv = self.conversation
-        params = SamplingParams(max_tokens=a.max_tokens or 256,
+        params = SamplingParams(max_tokens=max_tokens or 256,
                                 temperature=self.session.config.temperature)
         fmt = self.session.config.output_format  # fixed for the whole reply
         tts = self.stages.tts
         loop = self._loop
-        rid = a.response_id
-        speculative = 0  # tokens of this turn prefilled before the endpoint
 
         def post(fn: Callable[..., None], *args: Any) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
@@ -445,8 +487,8 @@ class Connection:
             """One phrase; `transcript` is its exact slice of the reply text."""
             if cancel.is_set():
                 return
-            if not a.audio or not text:
-                post(self._phrase_ready, rid, transcript, None, 0.0, time.time())
+            if not audio or not text:
+                post(self._phrase_ready, reply, transcript, None, 0.0, time.time())
                 return
             try:
                 wave = tts.synthesize(text)
@@ -455,25 +497,24 @@ class Connection:
                 data = au.encode_output(wave, fmt.encoding)
             except Exception as exc:
                 raise StageFailure("tts", exc) from exc
-            post(self._phrase_ready, rid, transcript, data, len(wave) * 1000.0 / fmt.rate,
+            post(self._phrase_ready, reply, transcript, data, len(wave) * 1000.0 / fmt.rate,
                  time.time())
 
         def run() -> None:
-            nonlocal speculative
             if self._speculative is not None:
-                speculative, self._speculative = self._speculative[1], None
+                reply.speculative, self._speculative = self._speculative[1], None
             chunker = PhraseChunker()
             # The chunker trims whitespace; the transcript sent must stay a prefix of the text
             # the LLM holds (a barge-in cuts both at the same place), so phrases are mapped
             # back onto the raw reply text.
-            reply, consumed = "", 0
+            text, consumed = "", 0
 
             def raw(phrase: str) -> str:
                 nonlocal consumed
-                i = reply.find(phrase, consumed)
+                i = text.find(phrase, consumed)
                 if i < 0:
                     return phrase
-                piece, consumed = reply[consumed:i + len(phrase)], i + len(phrase)
+                piece, consumed = text[consumed:i + len(phrase)], i + len(phrase)
                 return piece
 
             last: float | None = None
@@ -487,9 +528,9 @@ class Connection:
                     if delta is None:
                         break
                     last = self.metrics.token(last)
-                    if not reply:
-                        post(self.session.token, rid, time.time())
-                    reply += delta
+                    if not text:
+                        post(self._first_token, reply, time.time())
+                    text += delta
                     for phrase in chunker.push(delta):
                         speak(phrase, raw(phrase))
             finally:  # a failed TTS ends the LLM's request now, not when the generator is freed
@@ -500,29 +541,39 @@ class Connection:
                 for phrase in chunker.flush():
                     speak(phrase, raw(phrase))
 
-        generation = self._lane_nowait(run)
-        return self._end_reply(a, cancel, generation, lambda: speculative)
+        reply.generation = self._lane_nowait(run)
+        if reply.response_id is None:  # nobody may ever await it: a dropped speculation
+            reply.generation.add_done_callback(_quiet)
 
-    def _phrase_ready(self, response_id: str, transcript: str, data: bytes | None, ms: float,
+    def _first_token(self, reply: _Reply, when: float) -> None:
+        if reply.response_id is None:
+            reply.first_token = when
+        else:
+            self.session.token(reply.response_id, when)
+
+    def _phrase_ready(self, reply: _Reply, transcript: str, data: bytes | None, ms: float,
                       when: float) -> None:
-        self.session.phrase(response_id, transcript, data, ms, when)
+        if reply.response_id is None:  # speculative: held until the endpoint adopts it
+            if not reply.cancel.is_set():
+                reply.held.append((transcript, data, ms, when))
+            return
+        self.session.phrase(reply.response_id, transcript, data, ms, when)
         self._process()
 
-    async def _end_reply(self, a: s.StartResponse, cancel: threading.Event,
-                         generation: asyncio.Future[None],
-                         speculative_of: Callable[[], int]) -> None:
+    async def _end_reply(self, a: s.StartResponse, reply: _Reply) -> None:
+        assert reply.generation is not None
         error: str | None = None
         try:
-            await generation  # its phrases reached the session before this resumes
+            await reply.generation  # its phrases reached the session before this resumes
         except asyncio.CancelledError:
-            cancel.set()
+            reply.cancel.set()
             raise
         except StageFailure as failure:
             self._stage_failed(failure)
             error = str(failure)
-            cancel.set()
+            reply.cancel.set()
         stats = self.conversation.stats
-        speculative = speculative_of()  # set by the generation, which has ended
+        speculative = reply.speculative  # set by the generation, which has ended
         self._cancels.pop(a.response_id, None)
         # A turn's figures count its speculatively prefilled tokens as prefilled, not cached.
         self.session.response_finished(
@@ -531,6 +582,13 @@ class Connection:
             generated_tokens=stats.generated_tokens, speculative_tokens=speculative,
             error=error, now=time.time())
         self._process()
+
+
+def _quiet(fut: asyncio.Future[Any]) -> None:
+    """Done-callback of a speculative reply's generation: if it was dropped, nobody awaits it,
+    and a failure (reported if the reply is adopted) must not be logged as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _can_send_now(ws: Any) -> bool:

@@ -39,8 +39,9 @@ log = logging.getLogger("voicepipe.server")
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
                    10.0, 30.0)
 # asr_latency is negative when the final transcription, started at the first silent frame,
-# finished before the endpoint. A histogram with negative buckets has no _sum, so it has its own.
-SIGNED_FIGURES = ("asr_latency",)
+# finished before the endpoint, and llm_ttft when a speculative reply's first token did. A
+# histogram with negative buckets has no _sum, so they have their own.
+SIGNED_FIGURES = ("asr_latency", "llm_ttft")
 SIGNED_BUCKETS = (-1.0, -0.5, -0.3, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0,
                   5.0)
 TOKEN_BUCKETS = (0, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -71,6 +72,11 @@ class ServerMetrics:
                                  "Replies the user talked over (cancelled or cut)", registry=r)
         self.errors = Counter("voicepipe_errors", "error events sent, by code", ["code"],
                               registry=r)
+        self.speculative_replies = Counter(
+            "voicepipe_speculative_replies",
+            "Replies started during the end-of-turn silence, by outcome: adopted at the "
+            "endpoint, or dropped (the user went on; their tokens were wasted work)",
+            ["outcome"], registry=r)
         self.active_sessions = Gauge("voicepipe_active_sessions", "Open Realtime sessions",
                                      registry=r)
         self.prefill_tokens = Counter("voicepipe_llm_prefill_tokens",

@@ -104,11 +104,15 @@ def test_final_transcript_from_before_the_endpoint_is_used_and_latency_is_negati
     acts = frames(sess, [0.9] * 10 + [0.05])  # speech, then the first silent frame
     (tr,) = of(acts, s.Transcribe)
     sess.transcript(tr.item_id, "hello there", final=True, key=tr.key, now=100.36)
-    assert [type(a) for a in sess.actions()] == [s.Prefill]  # nothing to say yet
+    # nothing to say yet: the reply is prefilled and started, its output held
+    prefill, spec = sess.actions()
+    assert isinstance(prefill, s.Prefill) and isinstance(spec, s.SpeculateResponse)
     acts = frames(sess, [0.05] * 20, t0=100.4)
     assert not of(acts, s.Transcribe)  # no second transcription
     assert "conversation.item.input_audio_transcription.completed" in types(acts)
     (start,) = of(acts, s.StartResponse)
+    assert start.speculation == spec.key  # the endpoint adopts the reply under way
+    assert sess._llm == [tr.item_id, start.item_id]
     sess.response_finished(start.response_id, now=101.0)
     (fin,) = of(sess.actions(), s.TurnFinished)
     assert fin.timings.derived_ms()["asr_latency"] < 0
@@ -356,14 +360,62 @@ def test_speculation_is_rolled_back_when_the_user_goes_on() -> None:
     sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
     assert of(sess.actions(), s.Prefill)
     acts = frames(sess, [0.9] * 3, t0=100.5)  # speech resumes
-    (drop,) = of(acts, s.DeleteMessage)
-    assert (drop.item_id, drop.index) == (tr.item_id, 1)  # after the one earlier message
+    (cancel,) = of(acts, s.CancelSpeculation)
+    reply, user = of(acts, s.DeleteMessage)  # the speculative reply first, then its question
+    assert (reply.item_id, reply.index) == (cancel.key, 2)
+    assert (user.item_id, user.index) == (tr.item_id, 1)  # after the one earlier message
     acts = frames(sess, [0.05] * 20, t0=101)
     final = [t for t in of(acts, s.Transcribe) if t.final][-1]
     sess.transcript(final.item_id, "hello world", final=True, key=final.key, now=102)
     acts = sess.actions()
     (add,) = of(acts, s.AddMessage)
     assert add.text == "hello world"
+
+
+def test_a_speculative_reply_released_at_the_endpoint_reaches_the_client_at_once() -> None:
+    sess = make()
+    acts = frames(sess, [0.9] * 10 + [0.05])
+    (tr,) = of(acts, s.Transcribe)
+    sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
+    (spec,) = of(sess.actions(), s.SpeculateResponse)
+    assert spec.audio and spec.max_tokens == sess.max_response_tokens
+    acts = frames(sess, [0.05] * 20, t0=100.5)
+    (start,) = of(acts, s.StartResponse)
+    assert start.speculation == spec.key
+    # what the adapter held comes out now, marked when it was made (before the endpoint)
+    sess.token(start.response_id, 100.45)
+    sess.phrase(start.response_id, "Hi.", b"\0\0" * 240, 10.0, 100.5)
+    assert "response.output_audio.delta" in types(sess.actions())
+    sess.audio_sent(start.response_id, 101.0)
+    sess.response_finished(start.response_id, now=101.1)
+    (fin,) = of(sess.actions(), s.TurnFinished)
+    assert fin.timings.derived_ms()["llm_ttft"] < 0  # the first token came before the end
+
+
+def test_a_client_event_drops_the_speculative_reply_and_the_endpoint_starts_afresh() -> None:
+    sess = make()
+    acts = frames(sess, [0.9] * 10 + [0.05])
+    (tr,) = of(acts, s.Transcribe)
+    sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
+    (spec,) = of(sess.actions(), s.SpeculateResponse)
+    sess.receive(p.SessionUpdate(None, {"instructions": "Answer in French."}), now=100.45)
+    acts = sess.actions()
+    assert [c.key for c in of(acts, s.CancelSpeculation)] == [spec.key]
+    assert [(d.item_id, d.index) for d in of(acts, s.DeleteMessage)] == [(spec.key, 1)]
+    acts = frames(sess, [0.05] * 20, t0=100.5)
+    (start,) = of(acts, s.StartResponse)
+    assert start.speculation is None  # made for the old instructions: not reused
+    assert sess._llm == [tr.item_id, start.item_id]
+
+
+def test_speculative_replies_can_be_turned_off() -> None:
+    sess = make(speculative_reply=False)
+    acts = frames(sess, [0.9] * 10 + [0.05])
+    (tr,) = of(acts, s.Transcribe)
+    sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
+    assert [type(a) for a in sess.actions()] == [s.Prefill]
+    (start,) = of(frames(sess, [0.05] * 20, t0=100.5), s.StartResponse)
+    assert start.speculation is None
 
 
 def test_no_speculation_while_a_response_is_running_or_without_auto_response() -> None:

@@ -39,6 +39,7 @@ class Adapter:
         self.now = 100.0
         self.pending: list[s.Action] = []
         self.llm: list[str] = []  # item ids of the messages the LLM holds
+        self.speculating: set[str] = set()  # replies started before their endpoint
         self.created: Counter[str] = Counter()
         self.done: Counter[str] = Counter()
 
@@ -56,8 +57,17 @@ class Adapter:
             elif isinstance(a, s.DeleteMessage):
                 assert self.llm[a.index] == a.item_id, (self.llm, a)
                 del self.llm[a.index]
+            elif isinstance(a, s.SpeculateResponse):
+                self.llm.append(a.key)  # generate() appends the reply
+                self.speculating.add(a.key)
+            elif isinstance(a, s.CancelSpeculation):
+                self.speculating.remove(a.key)
             elif isinstance(a, s.StartResponse):
-                self.llm.append(a.item_id)  # generate() appends the reply
+                if a.speculation is None:
+                    self.llm.append(a.item_id)  # generate() appends the reply
+                else:  # the reply already being generated becomes this response's
+                    self.speculating.remove(a.speculation)
+                    self.llm[self.llm.index(a.speculation)] = a.item_id
                 self.pending.append(a)
             elif isinstance(a, s.Transcribe):
                 self.pending.append(a)
@@ -150,6 +160,7 @@ def test_random_sequences_keep_the_invariants(sequence, seed) -> None:  # type: 
         ad.work(0)
     assert not ad.pending
     assert sess._response is None and not sess._pending_finals
+    assert not ad.speculating and sess._spec_reply is None  # adopted or dropped, every one
     assert all(n == 1 for n in ad.created.values())
     assert ad.done == ad.created  # every response ended exactly once
     assert ad.llm == sess._llm  # the adapter's LLM holds what the session thinks it holds

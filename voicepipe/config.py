@@ -117,6 +117,11 @@ class ServerConfig:
     partial_interval_ms: int = _opt(
         600, "How often partial transcripts are made while the user speaks (0 turns them off)."
     )
+    speculative_reply: bool = _opt(
+        True, "Start the reply during the end-of-turn silence, once the final transcript is in, "
+        "holding its audio until the endpoint (dropped if the user goes on); off: the reply "
+        "starts at the endpoint, after only the speculative prefill."
+    )
     web_root: str = _opt("", "Folder served at / (the browser demo); empty: the bundled demo.")
     log_level: str = _opt("info", "Logging level: debug, info, warning, error.")
 
@@ -175,6 +180,15 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, str):
                 return tuple(v.strip() for v in value.split(",") if v.strip())
             return tuple(str(v) for v in value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            word = str(value).strip().lower()
+            if word in ("1", "true", "yes", "on"):
+                return True
+            if word in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError(value)

@@ -64,11 +64,30 @@ class StartResponse:
     instructions: str | None
     max_tokens: int | None
     audio: bool
+    speculation: str | None = None  # the key of the SpeculateResponse this response adopts
 
 
 @dataclass(frozen=True)
 class CancelResponse:
     response_id: str
+
+
+@dataclass(frozen=True)
+class SpeculateResponse:
+    """Speculation, continued: start the reply to the speculatively prefilled message while
+    the endpoint is still undecided, generating and synthesizing as usual but holding its
+    output. A `StartResponse` naming `key` adopts it at the endpoint and releases what it holds
+    at once; `CancelSpeculation` stops it, and a `DeleteMessage` for `key` then removes its
+    reply from the LLM's messages."""
+
+    key: str
+    max_tokens: int
+    audio: bool
+
+
+@dataclass(frozen=True)
+class CancelSpeculation:
+    key: str
 
 
 @dataclass(frozen=True)
@@ -118,7 +137,8 @@ class TurnFinished:
 
 
 Action = (SendEvent | SendAudio | Transcribe | StartResponse | CancelResponse | AddMessage
-          | Prefill | TruncateMessage | DeleteMessage | SetInstructions | SessionChanged | TurnFinished)
+          | Prefill | SpeculateResponse | CancelSpeculation | TruncateMessage | DeleteMessage
+          | SetInstructions | SessionChanged | TurnFinished)
 
 
 # ---- state -----------------------------------------------------------------------------------
@@ -193,8 +213,10 @@ class Session:
         partial_interval_ms: int = 600,
         max_response_tokens: int = 256,
         max_items: int = 200,
+        speculative_reply: bool = True,
     ) -> None:
         self.id = p.new_id("sess")
+        self.speculative_reply = speculative_reply
         self.config = config or p.SessionConfig()
         self.dialect = dialect
         self.max_buffer = int(max_buffer_s * RATE)
@@ -213,6 +235,7 @@ class Session:
         self._response_wanted: p.ResponseCreate | None = None
         self._pending_finals: list[UserTurn] = []
         self._speculated: tuple[str, str] | None = None  # (item id, text) prefilled early
+        self._spec_reply: str | None = None  # key of the reply started before the endpoint
         # The item ids of the LLM's messages in its order (which can differ from the items':
         # a typed message can overtake a spoken one whose transcript is still coming).
         self._llm: list[str] = []
@@ -271,6 +294,8 @@ class Session:
             self._error("unsupported", f"event {type(ev).__name__} is not supported",
                         ev.event_id)
             return
+        if not isinstance(ev, (p.InputAudioBufferAppend, p.InputAudioBufferCommit)):
+            self._drop_spec_reply()  # it was made for the conversation as it stood
         handler(ev, now)
 
     def _on_SessionUpdate(self, ev: p.SessionUpdate, now: float) -> None:
@@ -509,6 +534,13 @@ class Session:
         td = self.config.turn_detection
         if turn.final_text and self._response is None and td and td.create_response:
             self._speculate(turn.item_id, turn.final_text)
+            if (self.speculative_reply and self._spec_reply is None
+                    and self._response_wanted is None):
+                spec = p.new_id("spec")
+                self._spec_reply = spec
+                self._llm.append(spec)  # generate() appends the reply, however far it gets
+                self._out.append(SpeculateResponse(
+                    spec, self._token_limit(None), "audio" in self.config.output_modalities))
 
     def transcription_failed(self, item_id: str, message: str, *, final: bool, key: int,
                              now: float) -> None:
@@ -557,11 +589,11 @@ class Session:
         if not item.text:
             self._unspeculate()
             return  # noise or silence: nothing was said, nothing to answer
-        self._to_llm(item)
+        self._to_llm(item)  # drops a speculative reply made for another text
         td = self.config.turn_detection
         wanted, self._response_wanted = self._response_wanted, None
         if self._response is None and (wanted is not None or (td and td.create_response)):
-            self._start_response(turn.timings, wanted)
+            self._start_response(turn.timings, wanted, adopt=wanted is None)
 
     def _transcribe(self, turn: UserTurn, end: int, *, final: bool, key: int) -> None:
         audio = self._slice(turn.start, end)
@@ -569,7 +601,14 @@ class Session:
 
     # ---- responses ---------------------------------------------------------------------------
 
-    def _start_response(self, timings: TurnTimings, req: p.ResponseCreate | None) -> None:
+    def _start_response(self, timings: TurnTimings, req: p.ResponseCreate | None, *,
+                        adopt: bool = False) -> None:
+        """Start a response; with `adopt`, as the continuation of the speculative reply, if
+        one is under way (else that one is dropped: it was made for other settings)."""
+        spec = self._spec_reply if adopt else None
+        if spec is None:
+            self._drop_spec_reply()
+        self._spec_reply = None
         modalities = (req.output_modalities if req and req.output_modalities
                       else self.config.output_modalities)
         audio = "audio" in modalities
@@ -585,14 +624,21 @@ class Session:
                    item=self._item_object(item))
         self._send("response.content_part.added", response_id=r.id, item_id=item.id,
                    output_index=0, content_index=0, part=self._part(r))
+        limit = self._token_limit(req)
+        if spec is not None:
+            self._llm[self._llm.index(spec)] = item.id  # the reply it is generating
+        else:
+            self._llm.append(item.id)  # generate() appends the reply, however far it gets
+        self._out.append(StartResponse(r.id, item.id, req.instructions if req else None,
+                                       limit, audio, spec))
+
+    def _token_limit(self, req: p.ResponseCreate | None) -> int:
         max_tokens = self.config.max_output_tokens
         if req is not None and req.max_output_tokens is not None:
             max_tokens = req.max_output_tokens
-        limit = self.max_response_tokens if max_tokens in (None, "inf") else min(
-            int(max_tokens), self.max_response_tokens)
-        self._llm.append(item.id)  # generate() appends the reply, however far it gets
-        self._out.append(StartResponse(r.id, item.id, req.instructions if req else None,
-                                       limit, audio))
+        if max_tokens in (None, "inf"):
+            return self.max_response_tokens
+        return min(int(max_tokens), self.max_response_tokens)
 
     def token(self, response_id: str, now: float) -> None:
         """The LLM produced a token of the response (only the first one is marked)."""
@@ -758,6 +804,8 @@ class Session:
         return item
 
     def _remove_item(self, item: Item) -> None:
+        if self._speculated is not None and self._speculated[0] == item.id:
+            self._drop_spec_reply()
         if item.id in self._llm:
             self._out.append(DeleteMessage(item.id, self._llm.index(item.id)))
             self._llm.remove(item.id)
@@ -784,6 +832,7 @@ class Session:
 
     def _unspeculate(self) -> None:
         """Roll back the speculative user message, wherever it is in the LLM's messages."""
+        self._drop_spec_reply()  # its reply comes after it
         if self._speculated is None:
             return
         item_id = self._speculated[0]
@@ -791,6 +840,16 @@ class Session:
         del self._llm[index]
         self._out.append(DeleteMessage(item_id, index))
         self._speculated = None
+
+    def _drop_spec_reply(self) -> None:
+        """Stop the speculative reply and remove it from the LLM's messages."""
+        key, self._spec_reply = self._spec_reply, None
+        if key is None:
+            return
+        index = self._llm.index(key)
+        del self._llm[index]
+        self._out.append(CancelSpeculation(key))
+        self._out.append(DeleteMessage(key, index))
 
     def _find(self, item_id: str) -> Item | None:
         return next((it for it in self.items if it.id == item_id), None)

@@ -88,3 +88,36 @@ async def test_barge_in_cancels_and_cuts_the_kept_reply(scripted: Running) -> No
         assistant = [text for role, text in conv.messages if role == "assistant"]
         assert assistant[0] == kept
         assert item_id == done.data["response"]["output"][0]["id"]
+
+
+async def test_a_reply_made_during_the_endpoint_wait_goes_out_at_the_endpoint(
+        scripted: Running) -> None:
+    """The scripted transcript is final at the first silent frame, so the reply is generated
+    and synthesized while the VAD still waits for the end of the turn, and the endpoint only
+    releases it. A pause shorter than that wait starts a reply too, which the speech after it
+    drops: the conversation keeps one question and one answer."""
+    # espeak ends with about 300 ms of silence; with 100 ms more the pause stays under the
+    # 500 ms of silence that end a turn
+    pause = np.zeros(int(0.1 * 24000), np.float32)
+    speech = np.concatenate([utterance(), pause, utterance()])
+    async with vc.connect(scripted.url, session={"voicepipe": {"latency_events": True}}) as rt:
+        result = await rt.talk(speech, sample_rate=24000, realtime=4.0)
+        assert result.response_status == "completed"
+        assert len(result.reply_audio) == 2 * 2400
+        marks = result.timings["marks"]
+        assert marks["llm_first_token"] < marks["tts_first_audio"] < marks["endpoint"]
+        assert marks["endpoint"] <= marks["first_byte_sent"]
+        (conv,) = scripted.llm.open_conversations
+        assert [role for role, _ in conv.messages] == ["system", "user", "assistant"]
+    metrics = scripted.app.metrics.speculative_replies
+    assert metrics.labels("adopted")._value.get() == 1
+    assert metrics.labels("dropped")._value.get() >= 1
+
+
+@pytest.mark.server_config(speculative_reply=False)
+async def test_without_speculative_replies_the_reply_starts_at_the_endpoint(
+        scripted: Running) -> None:
+    async with vc.connect(scripted.url, session={"voicepipe": {"latency_events": True}}) as rt:
+        result = await rt.talk(utterance(), sample_rate=24000, realtime=4.0)
+        marks = result.timings["marks"]
+        assert marks["endpoint"] <= marks["llm_first_token"] <= marks["first_byte_sent"]
