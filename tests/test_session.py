@@ -99,6 +99,14 @@ def test_a_spoken_turn_runs_vad_transcription_and_response_in_order() -> None:
     assert sess.items[-1].text == "Paris is the capital."
 
 
+def final_before_endpoint(sess: s.Session, text: str = "hello") -> s.Transcribe:
+    """Speech, then the first silent frame, whose final transcription comes back at once:
+    the endpoint is still 500 ms of silence away."""
+    (tr,) = of(frames(sess, [0.9] * 10 + [0.05]), s.Transcribe)
+    sess.transcript(tr.item_id, text, final=True, key=tr.key, now=100.4)
+    return tr
+
+
 def test_final_transcript_from_before_the_endpoint_is_used_and_latency_is_negative() -> None:
     sess = make()
     acts = frames(sess, [0.9] * 10 + [0.05])  # speech, then the first silent frame
@@ -355,9 +363,7 @@ def test_speculation_is_rolled_back_when_the_user_goes_on() -> None:
     sess = make()
     sess.receive(p.ConversationItemCreate(None, None, None, "user", "earlier"), now=99)
     sess.actions()
-    acts = frames(sess, [0.9] * 10 + [0.05])
-    (tr,) = of(acts, s.Transcribe)
-    sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
+    tr = final_before_endpoint(sess)
     assert of(sess.actions(), s.Prefill)
     acts = frames(sess, [0.9] * 3, t0=100.5)  # speech resumes
     (cancel,) = of(acts, s.CancelSpeculation)
@@ -374,9 +380,7 @@ def test_speculation_is_rolled_back_when_the_user_goes_on() -> None:
 
 def test_a_speculative_reply_released_at_the_endpoint_reaches_the_client_at_once() -> None:
     sess = make()
-    acts = frames(sess, [0.9] * 10 + [0.05])
-    (tr,) = of(acts, s.Transcribe)
-    sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
+    final_before_endpoint(sess)
     (spec,) = of(sess.actions(), s.SpeculateResponse)
     assert spec.audio and spec.max_tokens == sess.max_response_tokens
     acts = frames(sess, [0.05] * 20, t0=100.5)
@@ -394,9 +398,7 @@ def test_a_speculative_reply_released_at_the_endpoint_reaches_the_client_at_once
 
 def test_a_client_event_drops_the_speculative_reply_and_the_endpoint_starts_afresh() -> None:
     sess = make()
-    acts = frames(sess, [0.9] * 10 + [0.05])
-    (tr,) = of(acts, s.Transcribe)
-    sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
+    tr = final_before_endpoint(sess)
     (spec,) = of(sess.actions(), s.SpeculateResponse)
     sess.receive(p.SessionUpdate(None, {"instructions": "Answer in French."}), now=100.45)
     acts = sess.actions()
@@ -410,9 +412,7 @@ def test_a_client_event_drops_the_speculative_reply_and_the_endpoint_starts_afre
 
 def test_speculative_replies_can_be_turned_off() -> None:
     sess = make(speculative_reply=False)
-    acts = frames(sess, [0.9] * 10 + [0.05])
-    (tr,) = of(acts, s.Transcribe)
-    sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
+    final_before_endpoint(sess)
     assert [type(a) for a in sess.actions()] == [s.Prefill]
     (start,) = of(frames(sess, [0.05] * 20, t0=100.5), s.StartResponse)
     assert start.speculation is None
@@ -423,9 +423,7 @@ def test_no_speculation_while_a_response_is_running_or_without_auto_response() -
     sess.receive(p.SessionUpdate(None, {"turn_detection": {"type": "server_vad",
                                                            "create_response": False}}), now=0)
     sess.actions()
-    acts = frames(sess, [0.9] * 10 + [0.05])
-    (tr,) = of(acts, s.Transcribe)
-    sess.transcript(tr.item_id, "hello", final=True, key=tr.key, now=100.4)
+    final_before_endpoint(sess)
     assert not of(sess.actions(), s.Prefill)
 
 
