@@ -294,7 +294,8 @@ class Session:
             self._error("unsupported", f"event {type(ev).__name__} is not supported",
                         ev.event_id)
             return
-        if not isinstance(ev, (p.InputAudioBufferAppend, p.InputAudioBufferCommit)):
+        if not isinstance(ev, (p.InputAudioBufferAppend, p.InputAudioBufferCommit,
+                               p.ConversationItemRetrieve)):
             self._drop_spec_reply()  # it was made for the conversation as it stood
         handler(ev, now)
 
