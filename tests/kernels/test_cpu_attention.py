@@ -12,7 +12,7 @@ import torch
 from voicepipe.kernels import cpu_attention
 
 from voicepipe.llm.model import prefill_attention, slot_runs
-from voicepipe.testing import unavailable
+from voicepipe.testing import require_cpu_attention
 
 PAGE = 16
 TOLERANCE = 2e-2  # q and the softmax weights are rounded to bf16 (relative 2^-9) in the kernel
@@ -20,11 +20,7 @@ TOLERANCE = 2e-2  # q and the softmax weights are rounded to bf16 (relative 2^-9
 
 @pytest.fixture(autouse=True)
 def kernel() -> Iterator[None]:
-    if not cpu_attention.available():
-        lacks = cpu_attention.cpu_lacks_bf16()
-        if lacks:
-            pytest.skip(f"{lacks}: the kernel cannot run on this machine")
-        unavailable(f"bf16 CPU attention kernel: {cpu_attention.unavailable_reason()}")
+    require_cpu_attention()
     yield
 
 

@@ -15,7 +15,7 @@ from voicepipe.llm.engine import Engine
 from voicepipe.llm.hf import load_hf
 from voicepipe.llm.model import BatchSegment, PagedKV
 from voicepipe.stages.base import SamplingParams
-from voicepipe.testing import unavailable
+from voicepipe.testing import require_cpu_attention
 
 from .tiny import collect, no_cancel, reference_model, write_hf_folder
 
@@ -26,14 +26,6 @@ KERNEL = "bf16 C kernel (AVX512-BF16)"
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_hf_folder(reference_model("qwen2", **HEAD_64), tmp_path_factory.mktemp("q64"))
-
-
-def _require_kernel() -> None:
-    if not cpu_attention.available():
-        lacks = cpu_attention.cpu_lacks_bf16()
-        if lacks:
-            pytest.skip(f"{lacks}: the kernel cannot run on this machine")
-        unavailable(f"bf16 CPU attention kernel: {cpu_attention.unavailable_reason()}")
 
 
 def _without_cache(engine: Engine, prompt: list[int], n: int) -> list[int]:
@@ -74,7 +66,7 @@ def _turns_match_a_run_without_cache(engine: Engine) -> None:
 # numbers depend on what it was batched with far more than under float32 rounding, and bf16
 # rounding amplifies such differences until a near-tie of a random model flips a greedy token.
 def test_bf16_kv_with_the_kernel_matches_a_run_without_cache(folder: Path) -> None:
-    _require_kernel()
+    require_cpu_attention()
     engine = Engine.from_checkpoint(load_hf(folder), dtype="float32", kv_dtype="bfloat16")
     assert engine.attention == KERNEL and engine.kv.k.dtype == torch.bfloat16
     _turns_match_a_run_without_cache(engine)
@@ -93,7 +85,7 @@ def test_without_the_kernel_bf16_kv_runs_on_pytorch_and_auto_is_float32(
 
 
 def test_auto_is_bf16_where_the_kernel_runs_the_model(folder: Path, tmp_path: Path) -> None:
-    _require_kernel()
+    require_cpu_attention()
     engine = Engine.from_checkpoint(load_hf(folder), num_pages=8)
     assert engine.info()["kv_dtype"] == "bfloat16" and engine.info()["attention"] == KERNEL
     tiny = write_hf_folder(reference_model("qwen2"), tmp_path / "d16")  # head_dim 16
