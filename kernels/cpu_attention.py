@@ -37,8 +37,8 @@ __all__ = ["available", "cpu_lacks_bf16", "decode_attention", "library", "prefil
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma", "-fopenmp", "-shared",
-         "-fPIC")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
+         "-shared", "-fPIC")
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -57,7 +57,7 @@ def cpu_lacks_bf16() -> str | None:
                       if line.startswith("flags")), [])
     except OSError as exc:
         return f"cannot read the CPU flags ({exc})"
-    missing = [f for f in ("avx512f", "avx512bw", "avx512_bf16") if f not in flags]
+    missing = [f for f in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16") if f not in flags]
     return f"the CPU lacks {', '.join(missing)}" if missing else None
 
 

@@ -20,7 +20,8 @@ def test_engine_bench_prints_every_row(tmp_path: Path, capsys: pytest.CaptureFix
     args = parser.parse_args(["--model", str(folder), "--dtype", "float32",
                               "--threads", str(torch.get_num_threads()),
                               "--histories", "0", "40", "--batches", "1", "3",
-                              "--tokens", "4", "--repeat", "1", "--kv-cache-gb", "0.01"])
+                              "--tokens", "4", "--repeat", "1", "--warm-repeat", "2",
+                              "--kv-cache-gb", "0.01"])
     bench.run(args)
     out = capsys.readouterr().out
     assert "| history | warm TTFT ms | cold TTFT ms |" in out

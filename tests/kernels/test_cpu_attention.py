@@ -91,7 +91,9 @@ def test_decode_batch_matches_float64() -> None:
 
 def test_a_row_gives_the_same_bits_however_it_is_batched() -> None:
     """A token's attention is the same in a prefill of many rows, alone, as a decode step and
-    on one thread or two: a turn that hits the prefix cache computes what a cold one does."""
+    on one thread or two: a turn that hits the prefix cache computes what a cold one does.
+    Rows go in 16-lane blocks and a last block of up to 8 rows in 8-lane vectors: the first
+    token's rows are in a 16-lane block of the prefill and in an 8-lane one alone."""
     g = torch.Generator().manual_seed(2)
     k_pool, v_pool, slots = _pool_and_slots(300, 2, 64, True, g)
     q = torch.randn(21, 14, 64, generator=g)
@@ -101,11 +103,13 @@ def test_a_row_gives_the_same_bits_however_it_is_batched() -> None:
         batched = cpu_attention.prefill_attention(q, k_pool, v_pool, slots, [])
         torch.set_num_threads(1)
         alone = cpu_attention.prefill_attention(q[-1:], k_pool, v_pool, slots, [])
+        first = cpu_attention.prefill_attention(q[:1], k_pool, v_pool, slots[:-20], [])
     finally:
         torch.set_num_threads(threads)
     decoded = cpu_attention.decode_attention(q[-1:], k_pool, v_pool, slots[None],
                                              torch.tensor([300]))
     assert torch.equal(batched[-1], alone[0]) and torch.equal(alone[0], decoded.view(-1))
+    assert torch.equal(batched[0], first[0])
 
 
 def test_pytorch_attention_reads_a_bf16_pool_too() -> None:

@@ -67,6 +67,23 @@ def test_incremental_decoding_never_splits_a_character(text: str) -> None:
     assert "".join(deltas) == tok.decode(ids, skip_special=True)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.text(max_size=30), st.text(max_size=30), st.data())
+def test_byte_level_decoding_splits_where_the_tail_is_clean(
+    a: str, b: str, data: st.DataObject
+) -> None:
+    """`byte_level`'s promise, which lets a conversation skip decoding its whole history when
+    it looks for where a changed prompt diverges: wherever the ids are cut, if the tail decodes
+    without U+FFFD, the head decodes to the text before it."""
+    tok = _tiny()  # bytes are single tokens here, so cuts fall inside characters too
+    assert tok.byte_level
+    ids = tok.encode(a + "<|im_end|>" + b)
+    cut = data.draw(st.integers(0, len(ids)))
+    text, tail = tok.decode(ids), tok.decode(ids[cut:])
+    if "\ufffd" not in tail:
+        assert tok.decode(ids[:cut]) == text[: len(text) - len(tail)]
+
+
 def test_chat_template_helpers() -> None:
     tok = _tiny()
     tok.chat_template = (

@@ -534,7 +534,11 @@ class Decoder:
             pad_slots = pad_slots.to(self.device)
             decode_lengths = torch.tensor([lengths[j] for j in decode], device=self.device)
             decode_rows = torch.tensor([offsets[j] for j in decode], device=self.device)
-        runs = {j: slot_runs(segments[j].slots[: lengths[j] - segments[j].n]) for j in prefill}
+        # The history's runs of consecutive slots, for the CPU reference prefill attention (a
+        # fused kernel reads the slots in place and gets none: building them is O(history)).
+        reference = self.ops.prefill_attention is prefill_attention and self.device.type == "cpu"
+        runs = {j: slot_runs(segments[j].slots[: lengths[j] - segments[j].n]) if reference
+                else [] for j in prefill}
         slot_lists = {j: segments[j].slots.to(self.device) for j in prefill}
 
         def attend(i: int, q: torch.Tensor, k: None, v: None) -> torch.Tensor:

@@ -227,6 +227,13 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
+    @property
+    def byte_level(self) -> bool:
+        """Whether decoding is byte-level (GPT-2 style BPE): the text of ids is their bytes,
+        concatenated, read as UTF-8. Then decode(a + b) == decode(a) + decode(b) whenever
+        decode(b) is clean UTF-8 (no U+FFFD), since b starts on a character boundary."""
+        return isinstance(self.tokenizer.decoder, decoders.ByteLevel)
+
     def token_text(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(token_id)
 
