@@ -123,7 +123,21 @@ static inline __attribute__((always_inline)) void run_item(const Args *a, Item i
                 _mm512_store_si512(vp + kk * D + c + 16, _mm512_unpackhi_epi16(x, y));
             }
         }
+        const int64_t next = kb + BLOCK_KEYS, share = (BLOCK_KEYS + nb - 1) / nb;
         for (int64_t rb = 0; rb < nb; rb++) {
+            /* The next key block's rows come from L3 or memory (each layer's history is read
+             * once per forward): each row block asks for its share of them, into L2, so they
+             * arrive while this block computes. Fetching them all at once, or only when read,
+             * stalls: 10-40% slower at a 2000-token history. */
+            const int64_t first = next + rb * share;
+            const int64_t last = first + share < length ? first + share : length;
+            for (int64_t k = first; k < last && k < next + BLOCK_KEYS; k++) {
+                const int64_t off = slots[k] * pool_row;
+                for (int c = 0; c < D; c += 32) {
+                    _mm_prefetch((const char *)(k_base + off + c), _MM_HINT_T1);
+                    _mm_prefetch((const char *)(v_base + off + c), _MM_HINT_T1);
+                }
+            }
             if (kb > last_key[rb]) continue; /* every row of the block is before these keys */
             const uint32_t *q = qp + rb * (D / 2) * BLOCK;
             const int32_t *lim = limit + rb * BLOCK;

@@ -27,6 +27,7 @@ def test_engine_bench_prints_every_row(tmp_path: Path, capsys: pytest.CaptureFix
     assert "| history | warm TTFT ms | cold TTFT ms |" in out
     for history in (0, 40):
         assert re.search(rf"^\| {history} \| \d+ \| \d+ \|$", out, re.M), out
+    assert re.search(r"^cached TTFT at 40 tokens / at 0: [\d.]+x$", out, re.M), out
     assert re.search(r"^bookkeeping per turn at 4000 tokens: \d+ us$", out, re.M), out
     assert re.search(r"^KV per 1000 tokens: [\d.]+ MiB \((float32|bfloat16)\)$", out, re.M), out
     assert re.search(r"^KV (float32|bfloat16), attention: .+$", out, re.M), out
