@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     first, last = args.histories[0], args.histories[-1]
     if last != first:
         growth = statistics.median(warm[last]) / statistics.median(warm[first])
-        print(f"cached TTFT at {last} tokens / at {first}: {growth:.2f}x")
+        print(f"cached TTFT at {last} tokens / at {first}: {growth:.3f}x")
     print(f"bookkeeping per turn at 4000 tokens: {_bookkeeping_us(engine):.0f} us")
     kv = PagedKV.bytes_per_token(engine.decoder.config, engine.kv.k.dtype) * 1000
     print(f"KV per 1000 tokens: {kv / 2**20:.1f} MiB ({info['kv_dtype']})")
